@@ -1,0 +1,494 @@
+//! Micro-batcher: groups committed transactions from the change stream into one Arrow
+//! `RecordBatch` per table. Batches are cut only at transaction boundaries: when the
+//! stream goes idle (at once, so a lone change is not held back), when the oldest
+//! change has waited `interval`, or when `max_rows` is reached.
+
+use crate::source::pgoutput::Datum;
+use crate::source::text::ColumnBuilder;
+use crate::source::{ChangeStream, Op, SourceError, SourceEvent, TableSchema};
+use arrow::array::{
+    ArrayRef, Int64Array, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+pub const OP: &str = "_op";
+pub const LSN: &str = "_lsn";
+pub const SEQ: &str = "_seq";
+pub const COMMIT_TS: &str = "_commit_ts";
+
+/// The raw-mirror schema of a table: its row image plus change metadata.
+pub fn raw_schema(table: &TableSchema) -> SchemaRef {
+    let mut fields: Vec<Field> = table
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
+    fields.push(Field::new(OP, DataType::Utf8, false));
+    fields.push(Field::new(LSN, DataType::Int64, false));
+    fields.push(Field::new(SEQ, DataType::Int64, false));
+    fields.push(Field::new(
+        COMMIT_TS,
+        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        false,
+    ));
+    Arc::new(Schema::new(fields))
+}
+
+/// Adds constant change metadata to snapshot rows (all inserts at one LSN).
+pub fn snapshot_rows_as_changes(
+    raw: &SchemaRef,
+    rows: &RecordBatch,
+    lsn: u64,
+    commit_ts_micros: i64,
+    first_seq: i64,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let n = rows.num_rows();
+    let mut cols: Vec<ArrayRef> = rows.columns().to_vec();
+    cols.push(Arc::new(StringArray::from(vec![Op::Insert.as_str(); n])));
+    cols.push(Arc::new(Int64Array::from(vec![lsn as i64; n])));
+    cols.push(Arc::new(Int64Array::from_iter_values(
+        first_seq..first_seq + n as i64,
+    )));
+    cols.push(Arc::new(
+        TimestampMicrosecondArray::from(vec![commit_ts_micros; n]).with_timezone("UTC"),
+    ));
+    RecordBatch::try_new(raw.clone(), cols)
+}
+
+/// Committed transactions grouped for one pass through features and sinks.
+#[derive(Debug)]
+pub struct ChangeBatch {
+    /// Raw change rows per configured table (None when the table had no change).
+    pub tables: Vec<Option<RecordBatch>>,
+    /// End LSN of the last transaction: what may be acknowledged once durable.
+    pub end_lsn: u64,
+    /// Commit LSN of the last transaction.
+    pub commit_lsn: u64,
+    /// Commit time of the last transaction (unix micros).
+    pub commit_ts_micros: i64,
+    pub transactions: usize,
+    pub rows: usize,
+    /// When the first change of the batch was received (for latency metrics).
+    pub first_received: Instant,
+    /// Set on the batch that closes a `--once` run.
+    pub last: bool,
+}
+
+struct TableBuilder {
+    schema: SchemaRef,
+    columns: Vec<ColumnBuilder>,
+    op: StringBuilder,
+    lsn: Vec<i64>,
+    seq: Vec<i64>,
+    ts: Vec<i64>,
+    bad_values: usize,
+}
+
+impl TableBuilder {
+    fn new(table: &TableSchema) -> Self {
+        TableBuilder {
+            schema: raw_schema(table),
+            columns: table
+                .columns
+                .iter()
+                .map(|c| ColumnBuilder::new(&c.data_type, 16))
+                .collect(),
+            op: StringBuilder::new(),
+            lsn: Vec::new(),
+            seq: Vec::new(),
+            ts: Vec::new(),
+            bad_values: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.lsn.len()
+    }
+
+    fn append(&mut self, table: &TableSchema, change: &StagedChange, lsn: u64, ts: i64) {
+        for (i, (b, v)) in self.columns.iter_mut().zip(&change.row).enumerate() {
+            match v {
+                Datum::Text(t) => {
+                    if let Err(e) = b.append_text(t) {
+                        self.bad_values += 1;
+                        if self.bad_values <= 10 {
+                            tracing::warn!(table = %table.name, column = %table.columns[i].name,
+                                error = %e, "value stored as NULL");
+                        }
+                    }
+                }
+                // Unchanged TOAST values are not sent by pgoutput. TODO(issue 3): fill
+                // them from state; until then they are NULL in the change row.
+                Datum::Null | Datum::UnchangedToast => b.append_null(),
+            }
+        }
+        self.op.append_value(change.op.as_str());
+        self.lsn.push(lsn as i64);
+        self.seq.push(change.seq);
+        self.ts.push(ts);
+    }
+
+    fn finish(&mut self) -> Option<RecordBatch> {
+        if self.len() == 0 {
+            return None;
+        }
+        let mut cols: Vec<ArrayRef> = self.columns.iter_mut().map(ColumnBuilder::finish).collect();
+        cols.push(Arc::new(self.op.finish()));
+        cols.push(Arc::new(Int64Array::from(std::mem::take(&mut self.lsn))));
+        cols.push(Arc::new(Int64Array::from(std::mem::take(&mut self.seq))));
+        cols.push(Arc::new(
+            TimestampMicrosecondArray::from(std::mem::take(&mut self.ts)).with_timezone("UTC"),
+        ));
+        Some(RecordBatch::try_new(self.schema.clone(), cols).expect("builders match schema"))
+    }
+}
+
+struct StagedChange {
+    table: usize,
+    op: Op,
+    seq: i64,
+    row: Vec<Datum>,
+}
+
+struct OpenTxn {
+    commit_lsn: u64,
+    ts: i64,
+    changes: Vec<StagedChange>,
+}
+
+/// Settings for one batcher run.
+pub struct BatcherOptions {
+    pub interval: Duration,
+    pub max_rows: usize,
+    /// Transactions ending at or before this LSN are already in the lake: skip them.
+    pub skip_through: u64,
+    /// For `--once`: stop after the fence message with this token.
+    pub fence_token: Option<String>,
+}
+
+/// Reads `stream` until cancelled (or the fence), sending batches to `out` and
+/// forwarding durable LSNs from `acks` to Postgres.
+pub async fn run(
+    mut stream: ChangeStream,
+    schemas: Vec<TableSchema>,
+    opts: BatcherOptions,
+    out: mpsc::Sender<ChangeBatch>,
+    mut acks: watch::Receiver<u64>,
+    cancel: CancellationToken,
+) -> Result<(), SourceError> {
+    let mut builders: Vec<TableBuilder> = schemas.iter().map(TableBuilder::new).collect();
+    let mut open: Option<OpenTxn> = None;
+    let mut pending = Pending::default();
+    let mut done = false;
+    let mut stream_ended = false;
+    // Whatever is committed in every table may be confirmed at once (a crash between
+    // the lake commit and the acknowledgement leaves the slot behind the lake).
+    if opts.skip_through > 0 {
+        stream.ack(opts.skip_through);
+    }
+
+    loop {
+        let ready = pending.txns > 0
+            && (done
+                || pending.rows >= opts.max_rows
+                || pending
+                    .first_received
+                    .is_some_and(|t| t.elapsed() >= opts.interval));
+        // Keep reading while events are available and the batch is not full; a batch is
+        // cut when reading would wait (idle) or when it is ready.
+        let can_read = !(done || stream_ended || (ready && open.is_none()));
+        let deadline = pending
+            .first_received
+            .map(|t| tokio::time::Instant::from_std(t + opts.interval));
+
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled(), if !done => {
+                // Finish at a transaction boundary; an open transaction is replayed
+                // from the slot on the next run.
+                done = true;
+            }
+            changed = acks.changed() => {
+                if changed.is_ok() {
+                    stream.ack(*acks.borrow_and_update());
+                }
+            }
+            ev = stream.next(), if can_read => {
+                match ev? {
+                    None => stream_ended = true,
+                    Some(ev) => {
+                        if handle_event(ev, &schemas, &opts, &mut builders, &mut open, &mut pending) {
+                            done = true;
+                        }
+                    }
+                }
+            }
+            permit = out.reserve(), if pending.txns > 0 && open.is_none() => {
+                let Ok(permit) = permit else { break };
+                permit.send(pending.cut(&mut builders, false));
+            }
+            _ = sleep_until(deadline), if deadline.is_some() && !ready => {}
+            else => {}
+        }
+        if done && pending.txns == 0 && (open.is_none() || cancel.is_cancelled()) {
+            if opts.fence_token.is_some() && !cancel.is_cancelled() {
+                // Tell the processor this is the end, even with nothing pending.
+                let _ = out.send(pending.cut(&mut builders, true)).await;
+            }
+            break;
+        }
+        if stream_ended && pending.txns == 0 {
+            return Err(SourceError::Slot(
+                "replication stream ended unexpectedly".into(),
+            ));
+        }
+    }
+    // Forward the final acknowledgements until the processor is finished.
+    drop(out);
+    while acks.changed().await.is_ok() {
+        stream.ack(*acks.borrow_and_update());
+    }
+    stream.ack(*acks.borrow());
+    // Let the worker send the last standby status before closing.
+    stream.wait_acked(Duration::from_secs(2)).await;
+    stream.shutdown().await;
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    txns: usize,
+    rows: usize,
+    end_lsn: u64,
+    commit_lsn: u64,
+    ts: i64,
+    first_received: Option<Instant>,
+}
+
+impl Pending {
+    fn cut(&mut self, builders: &mut [TableBuilder], last: bool) -> ChangeBatch {
+        let batch = ChangeBatch {
+            tables: builders.iter_mut().map(TableBuilder::finish).collect(),
+            end_lsn: self.end_lsn,
+            commit_lsn: self.commit_lsn,
+            commit_ts_micros: self.ts,
+            transactions: self.txns,
+            rows: self.rows,
+            first_received: self.first_received.unwrap_or_else(Instant::now),
+            last,
+        };
+        self.txns = 0;
+        self.rows = 0;
+        self.first_received = None;
+        batch
+    }
+}
+
+/// Applies one event; returns true when the `--once` fence was reached.
+fn handle_event(
+    ev: SourceEvent,
+    schemas: &[TableSchema],
+    opts: &BatcherOptions,
+    builders: &mut [TableBuilder],
+    open: &mut Option<OpenTxn>,
+    pending: &mut Pending,
+) -> bool {
+    match ev {
+        SourceEvent::Begin {
+            commit_lsn,
+            commit_ts_micros,
+        } => {
+            *open = Some(OpenTxn {
+                commit_lsn,
+                ts: commit_ts_micros,
+                changes: Vec::new(),
+            });
+        }
+        SourceEvent::Change { table, op, row } => {
+            if let Some(t) = open.as_mut() {
+                let seq = t.changes.len() as i64;
+                t.changes.push(StagedChange {
+                    table,
+                    op,
+                    seq,
+                    row,
+                });
+            }
+        }
+        SourceEvent::Commit {
+            end_lsn,
+            commit_ts_micros,
+            ..
+        } => {
+            let Some(t) = open.take() else { return false };
+            if end_lsn <= opts.skip_through {
+                tracing::debug!(end_lsn, "skipping transaction already in the lake");
+                return false;
+            }
+            if t.changes.is_empty() {
+                // Transactions touching none of our tables still move the ack point.
+                pending.end_lsn = end_lsn;
+                return false;
+            }
+            pending.first_received.get_or_insert_with(Instant::now);
+            for c in &t.changes {
+                builders[c.table].append(&schemas[c.table], c, t.commit_lsn, commit_ts_micros);
+            }
+            pending.txns += 1;
+            pending.rows += t.changes.len();
+            pending.end_lsn = end_lsn;
+            pending.commit_lsn = t.commit_lsn;
+            pending.ts = t.ts;
+        }
+        SourceEvent::Fence { token } => {
+            if opts.fence_token.as_deref() == Some(token.as_str()) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TableName;
+    use crate::source::ColumnInfo;
+    use arrow::array::AsArray;
+    use arrow::datatypes::Int32Type;
+
+    fn schema() -> TableSchema {
+        let columns = vec![
+            ColumnInfo {
+                name: "id".into(),
+                type_oid: 23,
+                type_name: "integer".into(),
+                data_type: DataType::Int32,
+            },
+            ColumnInfo {
+                name: "status".into(),
+                type_oid: 1043,
+                type_name: "character varying".into(),
+                data_type: DataType::Utf8,
+            },
+        ];
+        TableSchema {
+            name: TableName::parse("loan"),
+            oid: 1,
+            schema: Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int32, false),
+                Field::new("status", DataType::Utf8, true),
+            ])),
+            columns,
+            key: vec![0],
+        }
+    }
+
+    fn change(id: &str, op: Op) -> SourceEvent {
+        SourceEvent::Change {
+            table: 0,
+            op,
+            row: vec![
+                Datum::Text(id.to_string().into()),
+                Datum::Text("paid".into()),
+            ],
+        }
+    }
+
+    #[test]
+    fn batches_hold_whole_transactions_in_order_and_skip_committed_ones() {
+        let schemas = vec![schema()];
+        let opts = BatcherOptions {
+            interval: Duration::from_millis(200),
+            max_rows: 10,
+            skip_through: 100,
+            fence_token: Some("f".into()),
+        };
+        let mut builders: Vec<TableBuilder> = schemas.iter().map(TableBuilder::new).collect();
+        let (mut open, mut pending) = (None, Pending::default());
+        let mut feed =
+            |ev| handle_event(ev, &schemas, &opts, &mut builders, &mut open, &mut pending);
+        // Already in the lake (end 90 <= 100): skipped.
+        feed(SourceEvent::Begin {
+            commit_lsn: 80,
+            commit_ts_micros: 1,
+        });
+        feed(change("1", Op::Insert));
+        feed(SourceEvent::Commit {
+            commit_lsn: 80,
+            end_lsn: 90,
+            commit_ts_micros: 1,
+        });
+        // Two new transactions.
+        feed(SourceEvent::Begin {
+            commit_lsn: 110,
+            commit_ts_micros: 2,
+        });
+        feed(change("2", Op::Insert));
+        feed(change("2", Op::Update));
+        feed(SourceEvent::Commit {
+            commit_lsn: 110,
+            end_lsn: 120,
+            commit_ts_micros: 2,
+        });
+        feed(SourceEvent::Begin {
+            commit_lsn: 130,
+            commit_ts_micros: 3,
+        });
+        feed(change("3", Op::Delete));
+        assert!(!feed(SourceEvent::Fence {
+            token: "other".into()
+        }));
+        // Open transaction: not in the batch yet.
+        assert_eq!(pending.txns, 1);
+        let mut feed =
+            |ev| handle_event(ev, &schemas, &opts, &mut builders, &mut open, &mut pending);
+        feed(SourceEvent::Commit {
+            commit_lsn: 130,
+            end_lsn: 140,
+            commit_ts_micros: 3,
+        });
+        assert!(feed(SourceEvent::Fence { token: "f".into() }));
+
+        let b = pending.cut(&mut builders, false);
+        assert_eq!(
+            (b.transactions, b.rows, b.end_lsn, b.commit_lsn),
+            (2, 3, 140, 130)
+        );
+        let t = b.tables[0].as_ref().unwrap();
+        let ids: Vec<i32> = t.column(0).as_primitive::<Int32Type>().values().to_vec();
+        assert_eq!(ids, vec![2, 2, 3]);
+        let ops: Vec<&str> = t
+            .column_by_name(OP)
+            .unwrap()
+            .as_string::<i32>()
+            .iter()
+            .flatten()
+            .collect();
+        assert_eq!(ops, vec!["insert", "update", "delete"]);
+        let lsns = t
+            .column_by_name(LSN)
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        assert_eq!(lsns.values().to_vec(), vec![110, 110, 130]);
+        let seqs = t
+            .column_by_name(SEQ)
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int64Type>();
+        assert_eq!(seqs.values().to_vec(), vec![0, 1, 0]);
+        // The next cut starts empty.
+        assert!(pending.cut(&mut builders, false).tables[0].is_none());
+    }
+}

@@ -1,0 +1,328 @@
+//! Feature engine: owns the in-memory state, and for each change batch recomputes the
+//! features of exactly the entities the batch touched (through joins too), by running
+//! each feature file's SQL over state tables scoped to those entities.
+
+mod plan;
+mod touched;
+
+use crate::batch::ChangeBatch;
+use crate::config::{FeatureFile, Pipeline};
+use crate::source::TableSchema;
+use crate::state::{Key, Scope, StateError, StateTable, StateTableProvider};
+use arrow::array::{
+    new_null_array, ArrayRef, BooleanArray, Date32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+pub use touched::Mapping;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeatureError {
+    #[error("{location}: {message}")]
+    Invalid { location: String, message: String },
+    #[error("{location}: {source}")]
+    Plan {
+        location: String,
+        source: datafusion::error::DataFusionError,
+    },
+    #[error("feature table {table}: {source}")]
+    Execute {
+        table: String,
+        source: datafusion::error::DataFusionError,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("feature table {table}: {source}")]
+    Arrow {
+        table: String,
+        source: arrow::error::ArrowError,
+    },
+}
+
+pub const FEATURE_TIME: &str = "feature_time";
+pub const LSN: &str = "_lsn";
+pub const COMPUTED_AT: &str = "computed_at";
+pub const DELETED: &str = "_deleted";
+
+/// One feature file, planned.
+struct CompiledFile {
+    def: FeatureFile,
+    /// Optimized logical plan; `as_of_date()` is volatile, so it is not folded in.
+    plan: LogicalPlan,
+    /// Output schema: key, features, feature_time, _lsn, computed_at, _deleted.
+    schema: SchemaRef,
+    /// Per source table (configured order): how its rows map to this file's entities.
+    mappings: Vec<Option<Mapping>>,
+}
+
+/// Features computed for one file and one batch.
+pub struct FeatureRows {
+    pub table: String,
+    pub batch: RecordBatch,
+}
+
+pub struct FeatureEngine {
+    ctx: SessionContext,
+    clock: crate::udfs::AsOfClock,
+    fixed_as_of: Option<i32>,
+    tables: Vec<Arc<RwLock<StateTable>>>,
+    scopes: Vec<Arc<RwLock<Scope>>>,
+    files: Vec<CompiledFile>,
+}
+
+impl FeatureEngine {
+    /// Builds empty state for `schemas`, registers the UDFs, and plans every feature
+    /// of every file: errors name the file, line and feature.
+    pub async fn new(pipeline: &Pipeline, schemas: &[TableSchema]) -> Result<Self, FeatureError> {
+        // One partition: per-batch inputs are small, and planning for parallelism
+        // costs more than it saves at 200 ms batches.
+        let config = SessionConfig::new()
+            .with_target_partitions(1)
+            .with_information_schema(false);
+        let ctx = SessionContext::new_with_config(config);
+        let clock = crate::udfs::AsOfClock::default();
+        crate::udfs::register_all(&ctx, clock.clone());
+
+        let resolved: Vec<Vec<Option<Mapping>>> = pipeline
+            .feature_files
+            .iter()
+            .map(|f| touched::resolve_mappings(f, schemas))
+            .collect::<Result<_, _>>()?;
+        let mut tables = Vec::new();
+        let mut scopes = Vec::new();
+        for (t, schema) in schemas.iter().enumerate() {
+            let indexed = touched::index_columns(t, &resolved);
+            let table = Arc::new(RwLock::new(StateTable::new(
+                &schema.name.name,
+                schema.schema.clone(),
+                schema.key.clone(),
+                indexed,
+            )?));
+            let scope = Arc::new(RwLock::new(Scope::All));
+            ctx.register_table(
+                datafusion::common::TableReference::bare(schema.name.name.clone()),
+                Arc::new(StateTableProvider::new(table.clone(), scope.clone())),
+            )
+            .map_err(|e| FeatureError::Plan {
+                location: format!("table {}", schema.name),
+                source: e,
+            })?;
+            tables.push(table);
+            scopes.push(scope);
+        }
+
+        let mut files = Vec::new();
+        for (def, mappings) in pipeline.feature_files.iter().zip(resolved) {
+            let entity_table = schemas
+                .iter()
+                .position(|s| s.name.name == def.entity.table)
+                .expect("validated in resolve_mappings");
+            let (plan, schema) = plan::plan_file(&ctx, def, &schemas[entity_table]).await?;
+            files.push(CompiledFile {
+                def: def.clone(),
+                plan,
+                schema,
+                mappings,
+            });
+        }
+        let fixed_as_of = pipeline
+            .as_of
+            .map(|d| (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap()).num_days() as i32);
+        Ok(FeatureEngine {
+            ctx,
+            clock,
+            fixed_as_of,
+            tables,
+            scopes,
+            files,
+        })
+    }
+
+    /// Output schema of each feature table, by name.
+    pub fn output_schemas(&self) -> Vec<(String, SchemaRef)> {
+        self.files
+            .iter()
+            .map(|f| (f.def.name.clone(), f.schema.clone()))
+            .collect()
+    }
+
+    /// Rows in each state table.
+    pub fn state_sizes(&self) -> Vec<usize> {
+        self.tables
+            .iter()
+            .map(|t| t.read().unwrap().len())
+            .collect()
+    }
+
+    /// The as-of date for a batch committed at `commit_ts_micros`.
+    fn as_of_days(&self, commit_ts_micros: i64) -> i32 {
+        self.fixed_as_of
+            .unwrap_or_else(|| commit_ts_micros.div_euclid(86_400_000_000) as i32)
+    }
+
+    /// Loads snapshot rows (or rows rebuilt from the lake) without computing features.
+    pub fn load(&self, table: usize, rows: &RecordBatch) -> Result<(), FeatureError> {
+        Ok(self.tables[table].write().unwrap().apply(rows)?)
+    }
+
+    /// Features of every entity (after the initial snapshot).
+    pub async fn compute_all(
+        &self,
+        lsn: u64,
+        commit_ts_micros: i64,
+    ) -> Result<Vec<FeatureRows>, FeatureError> {
+        let mut out = Vec::new();
+        for file in &self.files {
+            for s in &self.scopes {
+                *s.write().unwrap() = Scope::All;
+            }
+            let batch = self.run(file, None, lsn, commit_ts_micros).await?;
+            out.push(FeatureRows {
+                table: file.def.name.clone(),
+                batch,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Applies `batch` to state and recomputes features for the entities it touched.
+    pub async fn process(&self, batch: &ChangeBatch) -> Result<Vec<FeatureRows>, FeatureError> {
+        let changed = touched::changed_keys(&self.tables, batch);
+        let mut touched: Vec<HashSet<Key>> = self
+            .files
+            .iter()
+            .map(|f| touched::entities(&self.tables, &f.mappings, &changed))
+            .collect();
+        for (t, rows) in batch.tables.iter().enumerate() {
+            if let Some(rows) = rows {
+                self.tables[t].write().unwrap().apply(rows)?;
+            }
+        }
+        for (f, set) in self.files.iter().zip(touched.iter_mut()) {
+            set.extend(touched::entities(&self.tables, &f.mappings, &changed));
+        }
+        let mut out = Vec::new();
+        for (file, entities) in self.files.iter().zip(touched) {
+            if entities.is_empty() {
+                continue;
+            }
+            let scopes = touched::scopes(&self.tables, &file.mappings, &entities);
+            for (s, keys) in self.scopes.iter().zip(scopes) {
+                *s.write().unwrap() = Scope::Keys(Arc::new(keys));
+            }
+            let rows = self
+                .run(
+                    file,
+                    Some(&entities),
+                    batch.commit_lsn,
+                    batch.commit_ts_micros,
+                )
+                .await?;
+            out.push(FeatureRows {
+                table: file.def.name.clone(),
+                batch: rows,
+            });
+        }
+        for s in &self.scopes {
+            *s.write().unwrap() = Scope::All;
+        }
+        Ok(out)
+    }
+
+    async fn run(
+        &self,
+        file: &CompiledFile,
+        entities: Option<&HashSet<Key>>,
+        lsn: u64,
+        commit_ts_micros: i64,
+    ) -> Result<RecordBatch, FeatureError> {
+        let as_of = self.as_of_days(commit_ts_micros);
+        self.clock.set_days(as_of);
+        let err = |source| FeatureError::Execute {
+            table: file.def.name.clone(),
+            source,
+        };
+        let state = self.ctx.state();
+        let physical = state
+            .query_planner()
+            .create_physical_plan(&file.plan, &state)
+            .await
+            .map_err(err)?;
+        let batches = datafusion::physical_plan::collect(physical, self.ctx.task_ctx())
+            .await
+            .map_err(err)?;
+        let arrow_err = |source| FeatureError::Arrow {
+            table: file.def.name.clone(),
+            source,
+        };
+        let n_features = file.def.features.len();
+        let value_schema = Arc::new(Schema::new(file.schema.fields()[..=n_features].to_vec()));
+        let mut values =
+            arrow::compute::concat_batches(&value_schema, &batches).map_err(arrow_err)?;
+        let mut deleted = vec![false; values.num_rows()];
+        if let Some(entities) = entities {
+            // Touched entities that no longer exist: write a tombstone row.
+            let present: HashSet<Key> = (0..values.num_rows())
+                .map(|i| crate::state::key_at(values.column(0), i))
+                .collect();
+            let gone: Vec<&Key> = entities.iter().filter(|k| !present.contains(k)).collect();
+            if !gone.is_empty() {
+                let tomb = tombstones(&value_schema, &gone).map_err(arrow_err)?;
+                values = arrow::compute::concat_batches(&value_schema, &[values, tomb])
+                    .map_err(arrow_err)?;
+                deleted.resize(values.num_rows(), true);
+            }
+        }
+        let n = values.num_rows();
+        let mut cols: Vec<ArrayRef> = values.columns().to_vec();
+        cols.push(Arc::new(Date32Array::from(vec![as_of; n])));
+        cols.push(Arc::new(Int64Array::from(vec![lsn as i64; n])));
+        let now = chrono::Utc::now().timestamp_micros();
+        cols.push(Arc::new(
+            TimestampMicrosecondArray::from(vec![now; n]).with_timezone("UTC"),
+        ));
+        cols.push(Arc::new(BooleanArray::from(deleted)));
+        RecordBatch::try_new(file.schema.clone(), cols).map_err(arrow_err)
+    }
+}
+
+/// Rows with the given keys and NULL features.
+fn tombstones(schema: &SchemaRef, keys: &[&Key]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let key_col: ArrayRef = match schema.field(0).data_type() {
+        DataType::Int64 => Arc::new(Int64Array::from_iter(keys.iter().map(|k| match k {
+            Key::Int(i) => Some(*i),
+            _ => None,
+        }))),
+        _ => Arc::new(StringArray::from_iter(keys.iter().map(|k| match k {
+            Key::Text(s) => Some(s.to_string()),
+            Key::Int(i) => Some(i.to_string()),
+            _ => None,
+        }))),
+    };
+    let mut cols = vec![key_col];
+    for f in schema.fields().iter().skip(1) {
+        cols.push(new_null_array(f.data_type(), keys.len()));
+    }
+    RecordBatch::try_new(schema.clone(), cols)
+}
+
+/// The feature table schema for `def` with entity key type `key_type`.
+fn output_schema(def: &FeatureFile, key_type: DataType) -> SchemaRef {
+    let mut fields = vec![Field::new(&def.entity.key, key_type, false)];
+    for f in &def.features {
+        fields.push(Field::new(&f.name, f.ty.arrow(), true));
+    }
+    fields.push(Field::new(FEATURE_TIME, DataType::Date32, false));
+    fields.push(Field::new(LSN, DataType::Int64, false));
+    fields.push(Field::new(
+        COMPUTED_AT,
+        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        false,
+    ));
+    fields.push(Field::new(DELETED, DataType::Boolean, false));
+    Arc::new(Schema::new(fields))
+}

@@ -1,0 +1,255 @@
+//! Which entities a change batch touches, and which rows of each table belong to a
+//! set of entities: both answered from the state's indexes, so the cost follows the
+//! number of touched entities, not the size of the tables.
+
+use super::FeatureError;
+use crate::batch::{ChangeBatch, OP};
+use crate::config::{FeatureFile, SourceMapping};
+use crate::source::TableSchema;
+use crate::state::{is_key_type, Key, StateTable};
+use arrow::array::AsArray;
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+/// How rows of one table lead to entity keys (column positions in that table).
+#[derive(Debug, Clone)]
+pub enum Mapping {
+    /// The column holds the entity key.
+    Column(usize),
+    /// The column references `ref_col` of table `target`, which maps further.
+    Via {
+        col: usize,
+        target: usize,
+        ref_col: usize,
+    },
+}
+
+/// Resolves a feature file's `entity` and `sources` against the source schemas.
+pub fn resolve_mappings(
+    file: &FeatureFile,
+    schemas: &[TableSchema],
+) -> Result<Vec<Option<Mapping>>, FeatureError> {
+    let table_index = |name: &str, loc: &str| {
+        schemas
+            .iter()
+            .position(|s| s.name.name == name)
+            .ok_or_else(|| FeatureError::Invalid {
+                location: format!("{}: {loc}", file.file.display()),
+                message: format!("table `{name}` is not a source table of the pipeline"),
+            })
+    };
+    let column = |t: usize, name: &str, loc: &str| {
+        let s = &schemas[t];
+        let c = s.column_index(name).ok_or_else(|| FeatureError::Invalid {
+            location: format!("{}: {loc}", file.file.display()),
+            message: format!("table {} has no column `{name}`", s.name),
+        })?;
+        if !is_key_type(&s.columns[c].data_type) {
+            return Err(FeatureError::Invalid {
+                location: format!("{}: {loc}", file.file.display()),
+                message: format!(
+                    "column {}.{name} has type {}; mapping columns must be integers, text or dates",
+                    s.name, s.columns[c].type_name
+                ),
+            });
+        }
+        Ok(c)
+    };
+    let mut out = vec![None; schemas.len()];
+    for (name, m) in &file.sources {
+        let loc = format!("sources.{name}");
+        let t = table_index(name, &loc)?;
+        out[t] = Some(match m {
+            SourceMapping::Column(c) => Mapping::Column(column(t, c, &loc)?),
+            SourceMapping::Via {
+                table,
+                column: col,
+                references,
+            } => {
+                let target = table_index(table, &format!("{loc}.via.table"))?;
+                Mapping::Via {
+                    col: column(t, col, &format!("{loc}.via.column"))?,
+                    target,
+                    ref_col: column(target, references, &format!("{loc}.via.references"))?,
+                }
+            }
+        });
+    }
+    Ok(out)
+}
+
+/// Columns of table `t` that some mapping looks up, in a stable order.
+pub fn index_columns(t: usize, resolved: &[Vec<Option<Mapping>>]) -> Vec<usize> {
+    let mut cols = Vec::new();
+    let mut add = |c: usize| {
+        if !cols.contains(&c) {
+            cols.push(c);
+        }
+    };
+    for file in resolved {
+        match &file[t] {
+            Some(Mapping::Column(c)) => add(*c),
+            Some(Mapping::Via { col, .. }) => add(*col),
+            None => {}
+        }
+        for m in file.iter().flatten() {
+            if let Mapping::Via {
+                target, ref_col, ..
+            } = m
+            {
+                if *target == t {
+                    add(*ref_col);
+                }
+            }
+        }
+    }
+    cols
+}
+
+/// Primary keys a batch changes, per table.
+pub struct Changed {
+    keys: Vec<Key>,
+    truncated: bool,
+}
+
+pub fn changed_keys(tables: &[Arc<RwLock<StateTable>>], batch: &ChangeBatch) -> Vec<Changed> {
+    tables
+        .iter()
+        .zip(&batch.tables)
+        .map(|(t, rows)| match rows {
+            None => Changed {
+                keys: Vec::new(),
+                truncated: false,
+            },
+            Some(rows) => {
+                let truncated = rows
+                    .column_by_name(OP)
+                    .map(|c| c.as_string::<i32>().iter().any(|o| o == Some("truncate")))
+                    .unwrap_or(false);
+                Changed {
+                    keys: t.read().unwrap().batch_keys(rows),
+                    truncated,
+                }
+            }
+        })
+        .collect()
+}
+
+fn read_all(tables: &[Arc<RwLock<StateTable>>]) -> Vec<RwLockReadGuard<'_, StateTable>> {
+    tables.iter().map(|t| t.read().unwrap()).collect()
+}
+
+/// Entities the changed rows belong to in the current state.
+pub fn entities(
+    tables: &[Arc<RwLock<StateTable>>],
+    mappings: &[Option<Mapping>],
+    changed: &[Changed],
+) -> HashSet<Key> {
+    let tables = read_all(tables);
+    let mut out = HashSet::new();
+    for (t, ch) in changed.iter().enumerate() {
+        if mappings[t].is_none() {
+            continue;
+        }
+        for pk in &ch.keys {
+            entity_of(&tables, mappings, t, pk, &mut out);
+        }
+        if ch.truncated {
+            let all: Vec<Key> = tables[t].primary_keys().cloned().collect();
+            for pk in &all {
+                entity_of(&tables, mappings, t, pk, &mut out);
+            }
+        }
+    }
+    out
+}
+
+fn entity_of(
+    tables: &[RwLockReadGuard<'_, StateTable>],
+    mappings: &[Option<Mapping>],
+    t: usize,
+    pk: &Key,
+    out: &mut HashSet<Key>,
+) {
+    match &mappings[t] {
+        None => {}
+        Some(Mapping::Column(c)) => {
+            let idx = tables[t].index_of(*c).expect("mapping columns are indexed");
+            if let Some(v) = tables[t].indexed_value(pk, idx) {
+                if *v != Key::Null {
+                    out.insert(v.clone());
+                }
+            }
+        }
+        Some(Mapping::Via {
+            col,
+            target,
+            ref_col,
+        }) => {
+            let idx = tables[t]
+                .index_of(*col)
+                .expect("mapping columns are indexed");
+            let Some(v) = tables[t].indexed_value(pk, idx) else {
+                return;
+            };
+            if *v == Key::Null {
+                return;
+            }
+            let ref_idx = tables[*target].index_of(*ref_col).expect("indexed");
+            for tpk in tables[*target].lookup(ref_idx, v) {
+                entity_of(tables, mappings, *target, tpk, out);
+            }
+        }
+    }
+}
+
+/// For each table, the primary keys of the rows that belong to `entities`.
+pub fn scopes(
+    tables: &[Arc<RwLock<StateTable>>],
+    mappings: &[Option<Mapping>],
+    entities: &HashSet<Key>,
+) -> Vec<HashSet<Key>> {
+    let tables = read_all(tables);
+    let mut memo: Vec<Option<HashSet<Key>>> = vec![None; tables.len()];
+    for t in 0..tables.len() {
+        scope_of(&tables, mappings, entities, t, &mut memo);
+    }
+    memo.into_iter().map(Option::unwrap_or_default).collect()
+}
+
+fn scope_of(
+    tables: &[RwLockReadGuard<'_, StateTable>],
+    mappings: &[Option<Mapping>],
+    entities: &HashSet<Key>,
+    t: usize,
+    memo: &mut Vec<Option<HashSet<Key>>>,
+) {
+    if memo[t].is_some() {
+        return;
+    }
+    let mut keys = HashSet::new();
+    match &mappings[t] {
+        None => {}
+        Some(Mapping::Column(c)) => {
+            let idx = tables[t].index_of(*c).expect("indexed");
+            for e in entities {
+                keys.extend(tables[t].lookup(idx, e).iter().cloned());
+            }
+        }
+        Some(Mapping::Via {
+            col,
+            target,
+            ref_col,
+        }) => {
+            scope_of(tables, mappings, entities, *target, memo);
+            let idx = tables[t].index_of(*col).expect("indexed");
+            let ref_idx = tables[*target].index_of(*ref_col).expect("indexed");
+            for tpk in memo[*target].as_ref().expect("computed") {
+                if let Some(v) = tables[*target].indexed_value(tpk, ref_idx) {
+                    keys.extend(tables[t].lookup(idx, v).iter().cloned());
+                }
+            }
+        }
+    }
+    memo[t] = Some(keys);
+}

@@ -1,0 +1,183 @@
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use pipeline::config::Pipeline;
+use pipeline::source::ConnInfo;
+use pipeline::{db, runner};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// Streaming feature engine: Postgres CDC → Arrow micro-batches → DataFusion features → Delta Lake.
+#[derive(Parser)]
+#[command(name = "pipeline", version, about)]
+struct Cli {
+    /// Log format (level with RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline: snapshot on first run, then stream until SIGINT/SIGTERM.
+    Run {
+        pipeline: PathBuf,
+        /// Process everything committed before the start, commit, exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Load the pipeline and its feature files and plan every feature; writes nothing.
+    Validate { pipeline: PathBuf },
+    /// Print the latest feature row of entities (all when no key is given).
+    Latest {
+        pipeline: PathBuf,
+        /// Entity keys (e.g. client ids).
+        keys: Vec<String>,
+        /// Feature table (default: the pipeline's first feature file).
+        #[arg(long)]
+        table: Option<String>,
+    },
+    /// Manage the source database.
+    Db {
+        /// Database URL.
+        #[arg(
+            long,
+            env = "PG_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/de_test_task_db",
+            global = true
+        )]
+        url: String,
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Restore a pg_dump file (custom or plain SQL format, detected).
+    Restore {
+        dump: PathBuf,
+        /// Drop and recreate the database first.
+        #[arg(long)]
+        clean: bool,
+    },
+    /// Generate deterministic data of the CRM schema and shape.
+    Seed {
+        #[arg(long, default_value_t = 20_000)]
+        users: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Drop and recreate the database first.
+        #[arg(long)]
+        clean: bool,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,pipeline=info,buoyant_kernel=off")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn shutdown_on_signal(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown requested: finishing the current batch");
+        cancel.cancel();
+    });
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { pipeline, once } => {
+            let p = Pipeline::load(&pipeline)?;
+            let cancel = CancellationToken::new();
+            shutdown_on_signal(cancel.clone());
+            let s = runner::run_supervised(&p, runner::RunOptions { once }, cancel).await?;
+            tracing::info!(snapshot_rows = s.snapshot_rows, batches = s.batches, changes = s.changes,
+                lsn = %pipeline::source::lsn_string(s.last_lsn), "pipeline stopped cleanly");
+        }
+        Command::Validate { pipeline } => {
+            let p = Pipeline::load(&pipeline)?;
+            let prepared = runner::prepare(&p).await?;
+            let n: usize = p.feature_files.iter().map(|f| f.features.len()).sum();
+            println!(
+                "ok: {} — {n} features in {} file(s) planned against {} ({} tables)",
+                pipeline.display(),
+                p.feature_files.len(),
+                prepared.conn.target(),
+                prepared.schemas.len()
+            );
+        }
+        Command::Latest {
+            pipeline,
+            keys,
+            table,
+        } => {
+            let p = Pipeline::load(&pipeline)?;
+            let file = match &table {
+                Some(t) => p
+                    .feature_files
+                    .iter()
+                    .find(|f| &f.name == t)
+                    .with_context(|| format!("no feature table `{t}` in {}", pipeline.display()))?,
+                None => &p.feature_files[0],
+            };
+            let rows =
+                pipeline::serve::latest(&p.config.lake.url, &file.name, &file.entity.key, &keys)
+                    .await?;
+            println!("{}", arrow::util::pretty::pretty_format_batches(&rows)?);
+        }
+        Command::Db { url, command } => {
+            let info = ConnInfo::parse(&url)?;
+            match command {
+                DbCommand::Restore { dump, clean } => {
+                    db::restore(&info, &dump, clean)
+                        .await
+                        .with_context(|| format!("restoring {}", dump.display()))?;
+                }
+                DbCommand::Seed { users, seed, clean } => {
+                    let (u, l, p) =
+                        db::seed(&info, &db::SeedOptions { users, seed, clean }).await?;
+                    println!(
+                        "seeded {u} users, {l} loans, {p} payments into {}",
+                        info.target()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,473 @@
+//! Wires the stages: source (snapshot, then change stream) → batcher → feature engine
+//! (state + DataFusion) → Delta sink → acknowledgement to Postgres.
+//!
+//! ```text
+//!  Postgres ──pgoutput──▶ batcher ──ChangeBatch (bounded)──▶ processor ──▶ Delta (raw + features)
+//!     ▲                                                          │
+//!     └──────────── ack LSN (only after every table commit) ◀────┘
+//! ```
+
+use crate::batch::{self, BatcherOptions, ChangeBatch, LSN};
+use crate::config::Pipeline;
+use crate::features::{FeatureEngine, FeatureError, FeatureRows};
+use crate::sink::{lake_root, DeltaSink, SinkError};
+use crate::source::{
+    self, check_wal_level, connect, create_slot_with_snapshot, ensure_publication, load_schemas,
+    lsn_string, slot_info, ChangeStream, ConnInfo, SourceError, TableSchema,
+};
+use arrow::array::{AsArray, BooleanArray, RecordBatch};
+use arrow::datatypes::Int64Type;
+use pgwire_replication::{ReplicationClient, ReplicationConfig};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Features(#[from] FeatureError),
+    /// Boxed: Delta errors are large and would bloat every `Result` in the runner.
+    #[error(transparent)]
+    Sink(Box<SinkError>),
+    #[error("{0}")]
+    Inconsistent(String),
+    #[error("{0}")]
+    SlotBusy(String),
+    #[error("rebuilding state from {table}: {message}")]
+    Rebuild { table: String, message: String },
+}
+
+impl From<SinkError> for RunError {
+    fn from(e: SinkError) -> Self {
+        RunError::Sink(Box::new(e))
+    }
+}
+
+impl RunError {
+    /// Errors a restart may cure (lost connections, a server restart, our previous
+    /// session still holding the slot), as opposed to configuration or data errors.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RunError::Source(SourceError::Connect { .. }) => true,
+            RunError::Source(SourceError::Postgres(e)) => {
+                e.as_db_error().is_none() || e.is_closed()
+            }
+            RunError::Source(SourceError::Replication(e)) => {
+                matches!(
+                    e,
+                    pgwire_replication::PgWireError::Io(_)
+                        | pgwire_replication::PgWireError::Task(_)
+                ) || e.to_string().contains("terminating connection")
+            }
+            RunError::Source(SourceError::Slot(m)) => m.contains("ended unexpectedly"),
+            RunError::SlotBusy(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Runs the pipeline; in streaming mode, transient failures (Postgres restarted or
+/// unreachable) restart it with backoff: state is rebuilt from the lake and streaming
+/// resumes from the slot, exactly as after a process restart.
+pub async fn run_supervised(
+    pipeline: &Pipeline,
+    opts: RunOptions,
+    cancel: CancellationToken,
+) -> Result<RunSummary, RunError> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let started = Instant::now();
+        match run(pipeline, opts.clone(), cancel.clone()).await {
+            Err(e) if !opts.once && !cancel.is_cancelled() && e.is_transient() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    delay = Duration::from_millis(500);
+                }
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "pipeline interrupted, restarting from the lake and the slot");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return Err(e),
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            other => return other,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Process what was committed before the start, then exit.
+    pub once: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    pub snapshot_rows: usize,
+    pub batches: usize,
+    pub changes: usize,
+    pub last_lsn: u64,
+}
+
+/// What `validate` and `run` share: connection, schemas and planned features.
+pub struct Prepared {
+    pub conn: ConnInfo,
+    pub client: tokio_postgres::Client,
+    pub schemas: Vec<TableSchema>,
+    pub engine: FeatureEngine,
+}
+
+/// Connects, checks the source and plans every feature. Touches neither slot nor lake.
+pub async fn prepare(pipeline: &Pipeline) -> Result<Prepared, RunError> {
+    let conn = ConnInfo::parse(&pipeline.config.source.url)?;
+    let client = connect(&conn, pipeline.config.source.connect_retries).await?;
+    let schemas = load_schemas(&client, &pipeline.tables).await?;
+    let engine = FeatureEngine::new(pipeline, &schemas).await?;
+    Ok(Prepared {
+        conn,
+        client,
+        schemas,
+        engine,
+    })
+}
+
+fn raw_path(schema: &TableSchema) -> String {
+    format!("raw/{}", schema.name.name)
+}
+
+fn feature_path(name: &str) -> String {
+    format!("features/{name}")
+}
+
+pub async fn run(
+    pipeline: &Pipeline,
+    opts: RunOptions,
+    cancel: CancellationToken,
+) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let Prepared {
+        conn,
+        client,
+        schemas,
+        engine,
+    } = prepare(pipeline).await?;
+    check_wal_level(&client).await?;
+    let src = &pipeline.config.source;
+    ensure_publication(&client, &src.publication, &pipeline.tables).await?;
+
+    let slot_name = pipeline.slot_name(&conn.database);
+    let app_id = format!("pipeline-{}-{}", pipeline.config.name, slot_name);
+    let mut specs: Vec<(String, _)> = schemas
+        .iter()
+        .map(|s| (raw_path(s), batch::raw_schema(s)))
+        .collect();
+    specs.extend(
+        engine
+            .output_schemas()
+            .into_iter()
+            .map(|(n, s)| (feature_path(&n), s)),
+    );
+    let root = lake_root(&pipeline.config.lake.url)?;
+    let mut sink = DeltaSink::open(root.clone(), app_id, specs).await?;
+    let lake_has_data = sink.committed_everywhere() > 0;
+    let slot = slot_info(&client, &slot_name).await?;
+    if let Some(info) = &slot {
+        if info.database != conn.database || info.plugin != "pgoutput" {
+            return Err(RunError::Inconsistent(format!(
+                "replication slot `{}` belongs to database `{}` (plugin {}), not to `{}`: slot names \
+                 are per cluster, give each pipeline its own (source.slot / PIPELINE_SLOT)",
+                slot_name, info.database, info.plugin, conn.database
+            )));
+        }
+    }
+    tracing::info!(lake = %root, slot = %slot_name, slot_exists = slot.is_some(), lake_has_data, "starting");
+
+    let repl_cfg = ReplicationConfig::new(
+        conn.host.clone(),
+        conn.user.clone(),
+        conn.password.clone(),
+        conn.database.clone(),
+        slot_name.clone(),
+        src.publication.clone(),
+    )
+    .with_port(conn.port)
+    .with_options(source::SESSION_OPTIONS)
+    .with_application_name(format!("pipeline-{}", pipeline.config.name))
+    .with_status_interval(Duration::from_millis(100))
+    .with_buffer_size(16 * 1024);
+
+    let mut summary = RunSummary::default();
+    let mut repl = ReplicationClient::connect_gated(repl_cfg)
+        .await
+        .map_err(SourceError::from)?;
+    if let Some(pid) = slot.as_ref().and_then(|i| i.active_pid) {
+        return Err(RunError::SlotBusy(format!(
+            "replication slot `{slot_name}` is in use by another process (pid {pid}); is another \
+             pipeline running on it?"
+        )));
+    }
+    let fresh = match (&slot, lake_has_data) {
+        (None, false) => true,
+        (Some(_), false) => {
+            // Nothing from this slot reached this lake (a first run that stopped during
+            // the snapshot, or a lake deleted to start over): a new slot and snapshot
+            // lose nothing for it.
+            tracing::warn!(slot = %slot_name, lake = %root,
+                "the lake has no data from this slot: dropping the slot and taking a new snapshot");
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot_name])
+                .await
+                .map_err(SourceError::from)?;
+            true
+        }
+        (Some(info), true) if info.wal_status.as_deref() == Some("lost") => {
+            return Err(RunError::Inconsistent(format!(
+                "replication slot `{slot_name}` was invalidated (wal_status = lost): changes since \
+                 the last run are gone from the WAL, so the lake cannot be caught up. Start with an \
+                 empty lake (or a new LAKE_URL) to re-snapshot"
+            )));
+        }
+        (Some(_), true) => false,
+        (None, true) => {
+            return Err(RunError::Inconsistent(format!(
+                "the lake at {root} has data but replication slot `{slot_name}` does not exist: \
+                 changes since the last run are lost. Start with an empty lake (or a new LAKE_URL) \
+                 to re-snapshot"
+            )));
+        }
+    };
+    let skip_through = if fresh {
+        let snap = create_slot_with_snapshot(&mut repl, &slot_name, &conn, &schemas).await?;
+        summary.snapshot_rows = write_snapshot(&engine, &mut sink, &schemas, &snap).await?;
+        summary.last_lsn = snap.consistent_lsn;
+        tracing::info!(rows = summary.snapshot_rows, elapsed_ms = started.elapsed().as_millis() as u64,
+            lsn = %lsn_string(snap.consistent_lsn), "initial snapshot committed to the lake");
+        if opts.once {
+            // Everything committed before the start is in the snapshot.
+            return Ok(summary);
+        }
+        snap.consistent_lsn
+    } else {
+        let rows = rebuild_state(&engine, &sink, &schemas).await?;
+        tracing::info!(rows, elapsed_ms = started.elapsed().as_millis() as u64,
+            confirmed_flush = %slot.and_then(|i| i.confirmed_flush_lsn).map(lsn_string).unwrap_or_default(),
+            "state rebuilt from the lake; resuming from the slot");
+        sink.committed_everywhere()
+    };
+
+    repl.start().await.map_err(SourceError::from)?;
+    repl.wait_started().await.map_err(SourceError::from)?;
+    let fence_token = if opts.once {
+        let token = format!(
+            "{}-{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_micros()
+        );
+        client
+            .query_one(
+                "SELECT pg_logical_emit_message(false, $1, $2)::text",
+                &[&source::FENCE_PREFIX, &token],
+            )
+            .await
+            .map_err(SourceError::from)?;
+        Some(token)
+    } else {
+        None
+    };
+    let stream = ChangeStream::new(repl, schemas.clone());
+    let (batch_tx, mut batch_rx) = mpsc::channel::<ChangeBatch>(1);
+    let (ack_tx, ack_rx) = watch::channel(skip_through);
+    let batcher = tokio::spawn(batch::run(
+        stream,
+        schemas.clone(),
+        BatcherOptions {
+            interval: pipeline.config.batch.interval(),
+            max_rows: pipeline.config.batch.max_rows,
+            skip_through,
+            fence_token,
+        },
+        batch_tx,
+        ack_rx,
+        cancel.clone(),
+    ));
+    tracing::info!(from = %lsn_string(skip_through), "streaming changes");
+
+    let result = async {
+        while let Some(batch) = batch_rx.recv().await {
+            if batch.transactions > 0 {
+                process_batch(&engine, &mut sink, &schemas, &batch).await?;
+                let _ = ack_tx.send(batch.end_lsn);
+                summary.batches += 1;
+                summary.changes += batch.rows;
+                summary.last_lsn = batch.end_lsn;
+                tracing::info!(
+                    txns = batch.transactions, rows = batch.rows, end_lsn = %lsn_string(batch.end_lsn),
+                    latency_ms = batch.first_received.elapsed().as_secs_f64() * 1000.0,
+                    "batch committed"
+                );
+            }
+            if batch.last {
+                break;
+            }
+        }
+        Ok::<_, RunError>(())
+    }
+    .await;
+    if result.is_err() {
+        cancel.cancel();
+    }
+    drop(batch_rx);
+    drop(ack_tx);
+    let batcher_result = batcher
+        .await
+        .map_err(|e| RunError::Inconsistent(format!("batcher task failed: {e}")))?;
+    result?;
+    batcher_result?;
+    Ok(summary)
+}
+
+async fn process_batch(
+    engine: &FeatureEngine,
+    sink: &mut DeltaSink,
+    schemas: &[TableSchema],
+    batch: &ChangeBatch,
+) -> Result<(), RunError> {
+    let features = engine.process(batch).await?;
+    let mut writes = Vec::new();
+    for (schema, rows) in schemas.iter().zip(&batch.tables) {
+        let Some(rows) = rows else { continue };
+        let path = raw_path(schema);
+        // After a crash between table commits, keep only transactions this table lacks.
+        let rows = not_yet_committed(rows, sink.committed(&path))?;
+        writes.push((path, vec![rows]));
+    }
+    writes.extend(feature_writes(features));
+    sink.commit(writes, batch.end_lsn).await?;
+    Ok(())
+}
+
+fn feature_writes(features: Vec<FeatureRows>) -> Vec<(String, Vec<RecordBatch>)> {
+    features
+        .into_iter()
+        .map(|f| (feature_path(&f.table), vec![f.batch]))
+        .collect()
+}
+
+/// Rows whose transaction commits at or after `committed` (an end LSN already in the table).
+fn not_yet_committed(rows: &RecordBatch, committed: u64) -> Result<RecordBatch, RunError> {
+    let lsn = rows
+        .column_by_name(LSN)
+        .expect("raw batches have _lsn")
+        .as_primitive::<Int64Type>();
+    if lsn.values().iter().all(|&l| l as u64 >= committed) {
+        return Ok(rows.clone());
+    }
+    let keep: BooleanArray = lsn
+        .iter()
+        .map(|l| l.map(|l| l as u64 >= committed))
+        .collect();
+    arrow::compute::filter_record_batch(rows, &keep)
+        .map_err(|e| RunError::Inconsistent(e.to_string()))
+}
+
+/// Loads the snapshot into state, computes every entity's features, and commits raw
+/// tables and features at the consistent LSN.
+async fn write_snapshot(
+    engine: &FeatureEngine,
+    sink: &mut DeltaSink,
+    schemas: &[TableSchema],
+    snap: &source::InitialSnapshot,
+) -> Result<usize, RunError> {
+    let mut writes = Vec::new();
+    let mut rows = 0;
+    for ((schema, batches), t) in schemas.iter().zip(&snap.tables).zip(0..) {
+        let raw = batch::raw_schema(schema);
+        let mut seq = 0i64;
+        let mut out = Vec::with_capacity(batches.len());
+        for b in batches {
+            engine.load(t, b)?;
+            out.push(
+                batch::snapshot_rows_as_changes(
+                    &raw,
+                    b,
+                    snap.consistent_lsn,
+                    snap.taken_at_micros,
+                    seq,
+                )
+                .map_err(|e| RunError::Inconsistent(e.to_string()))?,
+            );
+            seq += b.num_rows() as i64;
+            rows += b.num_rows();
+        }
+        writes.push((raw_path(schema), out));
+    }
+    let t0 = Instant::now();
+    let features = engine
+        .compute_all(snap.consistent_lsn, snap.taken_at_micros)
+        .await?;
+    tracing::info!(
+        elapsed_ms = t0.elapsed().as_millis() as u64,
+        "features computed for every entity"
+    );
+    writes.extend(feature_writes(features));
+    sink.commit(writes, snap.consistent_lsn).await?;
+    Ok(rows)
+}
+
+/// Rebuilds in-memory state by replaying each raw mirror table in change order.
+async fn rebuild_state(
+    engine: &FeatureEngine,
+    sink: &DeltaSink,
+    schemas: &[TableSchema],
+) -> Result<usize, RunError> {
+    let mut total = 0;
+    for (t, schema) in schemas.iter().enumerate() {
+        let path = raw_path(schema);
+        let err = |message: String| RunError::Rebuild {
+            table: path.clone(),
+            message,
+        };
+        let table = sink.table(&path).ok_or_else(|| err("not open".into()))?;
+        let ctx = datafusion::prelude::SessionContext::new();
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| err(e.to_string()))?;
+        let provider = table
+            .table_provider()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        ctx.register_table("raw", provider)
+            .map_err(|e| err(e.to_string()))?;
+        let batches = ctx
+            .sql(&format!(
+                "SELECT * FROM raw ORDER BY \"{LSN}\", \"{}\"",
+                batch::SEQ
+            ))
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .collect()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let want = batch::raw_schema(schema);
+        for b in batches {
+            let b = conform(&b, &want).map_err(err)?;
+            total += b.num_rows();
+            engine.load(t, &b)?;
+        }
+    }
+    Ok(total)
+}
+
+/// Casts a batch read back from Delta (string views, timezone spellings) to `want`.
+fn conform(b: &RecordBatch, want: &arrow::datatypes::SchemaRef) -> Result<RecordBatch, String> {
+    let mut cols = Vec::with_capacity(want.fields().len());
+    for f in want.fields() {
+        let c = b
+            .column_by_name(f.name())
+            .ok_or_else(|| format!("column {} missing", f.name()))?;
+        cols.push(arrow::compute::cast(c, f.data_type()).map_err(|e| e.to_string())?);
+    }
+    RecordBatch::try_new(want.clone(), cols).map_err(|e| e.to_string())
+}

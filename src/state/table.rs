@@ -1,0 +1,273 @@
+//! The current image of one source table, kept in Arrow's compact row format and
+//! indexed by primary key and by the columns feature mappings look up.
+
+use super::key::{composite_key_at, key_at, Key};
+use super::StateError;
+use crate::batch::OP;
+use arrow::array::{ArrayRef, AsArray, RecordBatch};
+use arrow::datatypes::SchemaRef;
+use arrow::row::{OwnedRow, RowConverter, SortField};
+use std::collections::{HashMap, HashSet};
+
+struct StoredRow {
+    row: OwnedRow,
+    /// Value of each indexed column (same order as `StateTable::indexed`).
+    index_keys: Box<[Key]>,
+}
+
+pub struct StateTable {
+    name: String,
+    schema: SchemaRef,
+    key_columns: Vec<usize>,
+    converter: RowConverter,
+    rows: HashMap<Key, StoredRow>,
+    /// Indexed columns and, for each, value → primary keys. An indexed column that is
+    /// the primary key itself keeps no map (`rows` answers it).
+    indexed: Vec<usize>,
+    indexes: Vec<Option<HashMap<Key, Vec<Key>>>>,
+}
+
+impl StateTable {
+    pub fn new(
+        name: &str,
+        schema: SchemaRef,
+        key_columns: Vec<usize>,
+        indexed: Vec<usize>,
+    ) -> Result<StateTable, StateError> {
+        let fields = schema
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        let converter = RowConverter::new(fields).map_err(|e| StateError::Arrow {
+            table: name.to_string(),
+            source: e,
+        })?;
+        Ok(StateTable {
+            name: name.to_string(),
+            schema,
+            converter,
+            rows: HashMap::new(),
+            indexes: indexed
+                .iter()
+                .map(|&c| (key_columns != [c]).then(HashMap::new))
+                .collect(),
+            key_columns,
+            indexed,
+        })
+    }
+
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn key_columns(&self) -> &[usize] {
+        &self.key_columns
+    }
+
+    /// Position of `column` among the indexed columns, if indexed.
+    pub fn index_of(&self, column: usize) -> Option<usize> {
+        self.indexed.iter().position(|&c| c == column)
+    }
+
+    /// Primary keys of rows whose indexed column `idx` equals `value`.
+    pub fn lookup(&self, idx: usize, value: &Key) -> &[Key] {
+        match &self.indexes[idx] {
+            Some(index) => index.get(value).map(Vec::as_slice).unwrap_or(&[]),
+            // The primary key itself: at most one row, the map's own key.
+            None => self
+                .rows
+                .get_key_value(value)
+                .map(|(k, _)| std::slice::from_ref(k))
+                .unwrap_or(&[]),
+        }
+    }
+
+    /// Value of indexed column `idx` in the row with primary key `pk`.
+    pub fn indexed_value(&self, pk: &Key, idx: usize) -> Option<&Key> {
+        self.rows.get(pk).map(|r| &r.index_keys[idx])
+    }
+
+    pub fn contains(&self, pk: &Key) -> bool {
+        self.rows.contains_key(pk)
+    }
+
+    pub fn primary_keys(&self) -> impl Iterator<Item = &Key> {
+        self.rows.keys()
+    }
+
+    /// Primary keys of the rows in `batch` (a raw change batch or plain rows).
+    pub fn batch_keys(&self, batch: &RecordBatch) -> Vec<Key> {
+        let cols: Vec<&ArrayRef> = self.key_columns.iter().map(|&c| batch.column(c)).collect();
+        (0..batch.num_rows())
+            .map(|i| composite_key_at(&cols, i))
+            .collect()
+    }
+
+    /// Applies a raw change batch (row image + `_op`, in change order), or plain rows
+    /// as inserts when the batch has no `_op` column.
+    pub fn apply(&mut self, batch: &RecordBatch) -> Result<(), StateError> {
+        let n = self.schema.fields().len();
+        let image: Vec<ArrayRef> = batch.columns()[..n].to_vec();
+        let ops = batch
+            .schema()
+            .index_of(OP)
+            .ok()
+            .map(|i| batch.column(i).as_string::<i32>().clone());
+        let rows = self
+            .converter
+            .convert_columns(&image)
+            .map_err(|e| StateError::Arrow {
+                table: self.name.clone(),
+                source: e,
+            })?;
+        let keys = self.batch_keys(batch);
+        self.rows
+            .reserve(if ops.is_none() { keys.len() } else { 0 });
+        for (i, pk) in keys.into_iter().enumerate() {
+            match ops.as_ref().map(|o| o.value(i)).unwrap_or("insert") {
+                "insert" | "update" => {
+                    if pk == Key::Null || matches!(&pk, Key::Tuple(t) if t.contains(&Key::Null)) {
+                        return Err(StateError::NullKey(self.name.clone()));
+                    }
+                    let index_keys: Box<[Key]> =
+                        self.indexed.iter().map(|&c| key_at(&image[c], i)).collect();
+                    self.remove(&pk);
+                    for (index, v) in self.indexes.iter_mut().zip(index_keys.iter()) {
+                        if let Some(index) = index {
+                            index.entry(v.clone()).or_default().push(pk.clone());
+                        }
+                    }
+                    self.rows.insert(
+                        pk,
+                        StoredRow {
+                            row: rows.row(i).owned(),
+                            index_keys,
+                        },
+                    );
+                }
+                "delete" => self.remove(&pk),
+                "truncate" => {
+                    self.rows.clear();
+                    self.indexes.iter_mut().flatten().for_each(HashMap::clear);
+                }
+                other => {
+                    return Err(StateError::UnknownOp {
+                        table: self.name.clone(),
+                        op: other.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, pk: &Key) {
+        if let Some(old) = self.rows.remove(pk) {
+            for (index, v) in self.indexes.iter_mut().zip(old.index_keys.iter()) {
+                let Some(index) = index else { continue };
+                if let Some(pks) = index.get_mut(v) {
+                    pks.retain(|k| k != pk);
+                    if pks.is_empty() {
+                        index.remove(v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rows with the given primary keys (missing keys are skipped), or every row.
+    pub fn scan(&self, keys: Option<&HashSet<Key>>) -> Result<RecordBatch, StateError> {
+        let arrays = match keys {
+            Some(keys) => self.converter.convert_rows(
+                keys.iter()
+                    .filter_map(|k| self.rows.get(k))
+                    .map(|r| r.row.row()),
+            ),
+            None => self
+                .converter
+                .convert_rows(self.rows.values().map(|r| r.row.row())),
+        }
+        .map_err(|e| StateError::Arrow {
+            table: self.name.clone(),
+            source: e,
+        })?;
+        RecordBatch::try_new(self.schema.clone(), arrays).map_err(|e| StateError::Arrow {
+            table: self.name.clone(),
+            source: e,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int32Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+
+    fn changes(ids: &[i32], owners: &[Option<i32>], ops: &[&str]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int32, false),
+            Field::new("client_id", DataType::Int32, true),
+            Field::new("_op", DataType::Utf8, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int32Array::from(ids.to_vec())),
+                Arc::new(Int32Array::from(owners.to_vec())),
+                Arc::new(StringArray::from(ops.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn applies_changes_in_order_and_keeps_indexes_right() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int32, false),
+            Field::new("client_id", DataType::Int32, true),
+        ]));
+        // Column 0 is the primary key (answered from the rows), column 1 a real index.
+        let mut t = StateTable::new("loan", schema, vec![0], vec![1, 0]).unwrap();
+        t.apply(&changes(
+            &[1, 2, 3],
+            &[Some(10), Some(10), Some(20)],
+            &["insert"; 3],
+        ))
+        .unwrap();
+        assert_eq!(t.lookup(0, &Key::Int(10)).len(), 2);
+        // Move loan 2 to client 20, delete loan 1, re-insert 1 for client 30.
+        t.apply(&changes(
+            &[2, 1, 1],
+            &[Some(20), None, Some(30)],
+            &["update", "delete", "insert"],
+        ))
+        .unwrap();
+        assert!(t.lookup(0, &Key::Int(10)).is_empty());
+        assert_eq!(t.lookup(0, &Key::Int(20)).len(), 2);
+        assert_eq!(t.indexed_value(&Key::Int(1), 0), Some(&Key::Int(30)));
+        assert_eq!(t.lookup(1, &Key::Int(2)), &[Key::Int(2)]);
+        assert!(t.lookup(1, &Key::Int(99)).is_empty());
+        let keys: HashSet<Key> = [Key::Int(2), Key::Int(99)].into();
+        let b = t.scan(Some(&keys)).unwrap();
+        assert_eq!(b.num_rows(), 1);
+        assert_eq!(
+            b.column(1)
+                .as_primitive::<arrow::datatypes::Int32Type>()
+                .value(0),
+            20
+        );
+        t.apply(&changes(&[0], &[None], &["truncate"])).unwrap();
+        assert!(t.is_empty() && t.lookup(0, &Key::Int(20)).is_empty());
+    }
+}

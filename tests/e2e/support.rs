@@ -1,0 +1,326 @@
+//! Test support: real Postgres databases, pipeline files, Delta readers and the
+//! Postgres oracle for the client features.
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{Float64Type, Int32Type, Int64Type};
+use pipeline::config::Pipeline;
+use pipeline::source::ConnInfo;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub const AS_OF: &str = "2020-08-23";
+
+pub fn pg_base() -> String {
+    std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn dump_path() -> Option<PathBuf> {
+    let p = repo().join("../shared/dumps/de_test_task_db");
+    p.exists().then_some(p)
+}
+
+/// A fresh database `db` (dropped with its slots first), with the CRM schema.
+pub async fn fresh_db(db: &str) -> (ConnInfo, tokio_postgres::Client) {
+    let info = ConnInfo::parse(&format!("{}/{db}", pg_base())).unwrap();
+    pipeline::db::prepare_database(&info, true).await.unwrap();
+    let client = pipeline::source::connect(&info, 3).await.unwrap();
+    (info, client)
+}
+
+pub async fn seeded_db(db: &str, users: usize) -> (ConnInfo, tokio_postgres::Client) {
+    let info = ConnInfo::parse(&format!("{}/{db}", pg_base())).unwrap();
+    pipeline::db::seed(
+        &info,
+        &pipeline::db::SeedOptions {
+            users,
+            seed: 7,
+            clean: true,
+        },
+    )
+    .await
+    .unwrap();
+    let client = pipeline::source::connect(&info, 3).await.unwrap();
+    (info, client)
+}
+
+pub struct TestPipeline {
+    /// Keeps the lake and pipeline file alive for the test.
+    pub _dir: tempfile::TempDir,
+    pub file: PathBuf,
+    pub lake: PathBuf,
+    pub slot: String,
+}
+
+/// Writes a pipeline file for database `info` with its own slot, publication and lake.
+pub fn pipeline_file(info: &ConnInfo, name: &str, as_of: Option<&str>) -> TestPipeline {
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let features = repo().join("feature_defs/client_features.yaml");
+    let slot = format!("t_{name}");
+    let yaml = format!(
+        "name: {name}\nsource:\n  url: {}\n  publication: p_{name}\n  slot: {slot}\n  tables: [user, loan, payment]\n\
+         batch:\n  interval_ms: 200\n  max_rows: 100000\nlake:\n  url: {}\nfeatures:\n  - {}\nclock:\n  as_of: {}\n",
+        info.url,
+        lake.display(),
+        features.display(),
+        as_of.unwrap_or("")
+    );
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    TestPipeline {
+        _dir: dir,
+        file,
+        lake,
+        slot,
+    }
+}
+
+impl TestPipeline {
+    pub fn load(&self) -> Pipeline {
+        Pipeline::load(&self.file).unwrap()
+    }
+}
+
+/// Runs `sql_over_t` over the Delta table at `path` (registered as `t`).
+pub async fn read_delta(path: &Path, sql_over_t: &str) -> Vec<RecordBatch> {
+    try_read_delta(path, sql_over_t)
+        .await
+        .unwrap_or_else(|| panic!("no Delta table at {}", path.display()))
+}
+
+/// As `read_delta`, or None while the table does not exist yet.
+pub async fn try_read_delta(path: &Path, sql_over_t: &str) -> Option<Vec<RecordBatch>> {
+    let url = url::Url::from_directory_path(path.canonicalize().ok()?).unwrap();
+    let table = deltalake::open_table(url).await.ok()?;
+    let ctx = datafusion::prelude::SessionContext::new();
+    table.update_datafusion_session(&ctx.state()).unwrap();
+    ctx.register_table("t", table.table_provider().await.unwrap())
+        .unwrap();
+    Some(ctx.sql(sql_over_t).await.unwrap().collect().await.unwrap())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Features {
+    pub paid_loans_count: Option<i64>,
+    pub days_since_last_late_payment: Option<i32>,
+    pub profit_in_last_90_days_rate: Option<f64>,
+}
+
+fn close(a: Option<f64>, b: Option<f64>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0),
+        _ => false,
+    }
+}
+
+impl Features {
+    pub fn same(&self, o: &Features) -> bool {
+        self.paid_loans_count == o.paid_loans_count
+            && self.days_since_last_late_payment == o.days_since_last_late_payment
+            && close(
+                self.profit_in_last_90_days_rate,
+                o.profit_in_last_90_days_rate,
+            )
+    }
+}
+
+/// Latest feature row per client (highest `_lsn`), deleted clients left out; empty
+/// while the table does not exist.
+pub async fn latest_features(lake: &Path) -> BTreeMap<i64, Features> {
+    let batches = try_read_delta(
+        &lake.join("features/client_features"),
+        "SELECT client_id, paid_loans_count, days_since_last_late_payment, profit_in_last_90_days_rate, _deleted
+           FROM (SELECT *, row_number() OVER (PARTITION BY client_id ORDER BY _lsn DESC, computed_at DESC) AS rn FROM t)
+          WHERE rn = 1",
+    )
+    .await
+    .unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for b in batches {
+        let id = b.column(0).as_primitive::<Int64Type>();
+        let paid = b.column(1).as_primitive::<Int64Type>();
+        let days = b.column(2).as_primitive::<Int32Type>();
+        let rate = b.column(3).as_primitive::<Float64Type>();
+        let deleted = b.column(4).as_boolean();
+        for i in 0..b.num_rows() {
+            if deleted.value(i) {
+                continue;
+            }
+            out.insert(
+                id.value(i),
+                Features {
+                    paid_loans_count: paid.is_valid(i).then(|| paid.value(i)),
+                    days_since_last_late_payment: days.is_valid(i).then(|| days.value(i)),
+                    profit_in_last_90_days_rate: rate.is_valid(i).then(|| rate.value(i)),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// The feature definitions, written independently as plain Postgres SQL.
+pub const ORACLE_SQL: &str = r#"
+WITH params AS (SELECT $1::date AS a),
+paid AS (
+  SELECT client_id, count(*) AS n FROM loan WHERE status = 'paid' GROUP BY client_id),
+late AS (
+  SELECT l.client_id, max(p.created_on) AS last_late
+    FROM payment p JOIN loan l ON l.id = p.loan_id CROSS JOIN params
+   WHERE p.status = 'late' AND p.created_on <= params.a
+   GROUP BY l.client_id),
+issued AS (
+  SELECT l.id, l.client_id, l.amount FROM loan l CROSS JOIN params
+   WHERE l.status IN ('active', 'paid', 'overdue')
+     AND l.created_on > params.a - 90 AND l.created_on <= params.a),
+issued_amount AS (SELECT client_id, sum(amount) AS amount FROM issued GROUP BY client_id),
+issued_interest AS (
+  SELECT i.client_id, sum(coalesce(p.interest, 0)) AS interest
+    FROM issued i JOIN payment p ON p.loan_id = i.id CROSS JOIN params
+   WHERE p.created_on <= params.a
+   GROUP BY i.client_id)
+SELECT u.id::bigint,
+       coalesce(paid.n, 0)::bigint,
+       (params.a - late.last_late)::int,
+       CASE WHEN ia.amount IS NULL OR ia.amount = 0 THEN NULL
+            ELSE (coalesce(ii.interest, 0) / ia.amount)::float8 END
+  FROM "user" u CROSS JOIN params
+  LEFT JOIN paid ON paid.client_id = u.id
+  LEFT JOIN late ON late.client_id = u.id
+  LEFT JOIN issued_amount ia ON ia.client_id = u.id
+  LEFT JOIN issued_interest ii ON ii.client_id = u.id
+"#;
+
+pub async fn oracle(client: &tokio_postgres::Client, as_of: &str) -> BTreeMap<i64, Features> {
+    let date = chrono::NaiveDate::parse_from_str(as_of, "%Y-%m-%d").unwrap();
+    client
+        .query(ORACLE_SQL, &[&date])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0),
+                Features {
+                    paid_loans_count: r.get(1),
+                    days_since_last_late_payment: r.get(2),
+                    profit_in_last_90_days_rate: r.get(3),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Differences between the lake and the oracle (at most `limit` described).
+pub fn diff(
+    lake: &BTreeMap<i64, Features>,
+    oracle: &BTreeMap<i64, Features>,
+    limit: usize,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (id, want) in oracle {
+        match lake.get(id) {
+            None => out.push(format!("client {id}: missing, want {want:?}")),
+            Some(got) if !got.same(want) => {
+                out.push(format!("client {id}: got {got:?}, want {want:?}"))
+            }
+            _ => {}
+        }
+    }
+    for id in lake.keys().filter(|id| !oracle.contains_key(id)) {
+        out.push(format!("client {id}: in the lake but not in Postgres"));
+    }
+    let n = out.len();
+    out.truncate(limit);
+    if n > limit {
+        out.push(format!("… {} more", n - limit));
+    }
+    out
+}
+
+/// Polls until the lake's latest features equal the oracle, or fails with the diff.
+pub async fn wait_until_oracle_matches(
+    lake: &Path,
+    client: &tokio_postgres::Client,
+    as_of: &str,
+    timeout: Duration,
+) {
+    let want = oracle(client, as_of).await;
+    let started = Instant::now();
+    loop {
+        let got = latest_features(lake).await;
+        let d = diff(&got, &want, 10);
+        if d.is_empty() {
+            return;
+        }
+        if started.elapsed() > timeout {
+            panic!(
+                "lake does not match the oracle after {timeout:?}:\n{}",
+                d.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs the pipeline in-process until `cancel` (or the end with `once`).
+pub fn spawn_pipeline(
+    p: Pipeline,
+    once: bool,
+) -> (
+    tokio::task::JoinHandle<Result<pipeline::runner::RunSummary, pipeline::runner::RunError>>,
+    tokio_util::sync::CancellationToken,
+) {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let c = cancel.clone();
+    let handle = tokio::spawn(async move {
+        pipeline::runner::run(&p, pipeline::runner::RunOptions { once }, c).await
+    });
+    (handle, cancel)
+}
+
+/// Waits until the pipeline's slot is streaming (past the snapshot) so changes are not racing
+/// the snapshot in assertions about what was snapshotted.
+pub async fn wait_slot_active(client: &tokio_postgres::Client, slot: &str) {
+    for _ in 0..300 {
+        let r = client
+            .query_opt(
+                "SELECT r.state FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+                  WHERE s.slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        // `startup` while the snapshot is copied; `catchup`/`streaming` once replicating.
+        if r.is_some_and(|r| r.get::<_, String>(0) != "startup") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("slot {slot} never became active");
+}
+
+/// Count of rows in a raw mirror table, and of distinct (_lsn, _seq, id).
+pub async fn raw_counts(lake: &Path, table: &str) -> (i64, i64) {
+    let b = read_delta(
+        &lake.join(format!("raw/{table}")),
+        "SELECT count(*), count(DISTINCT (_lsn, _seq, id)) FROM t",
+    )
+    .await;
+    let b = &b[0];
+    (
+        b.column(0).as_primitive::<Int64Type>().value(0),
+        b.column(1).as_primitive::<Int64Type>().value(0),
+    )
+}
+
+/// `SELECT count(*) …` as a number.
+pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
