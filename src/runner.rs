@@ -171,7 +171,25 @@ pub async fn run(
     );
     let root = lake_root(&pipeline.config.lake.url)?;
     let mut sink = DeltaSink::open(root.clone(), app_id, specs).await?;
-    let lake_has_data = sink.committed_everywhere() > 0;
+    let lake_has_data = match lake_progress(&sink) {
+        LakeProgress::Empty => false,
+        LakeProgress::InterruptedSnapshot(lsn) => {
+            tracing::warn!(lake = %root, snapshot_lsn = %lsn_string(lsn),
+                "the initial snapshot was only partly committed: taking it again, replacing every table");
+            false
+        }
+        LakeProgress::Complete => true,
+        LakeProgress::Partial(missing) => {
+            return Err(RunError::Inconsistent(format!(
+                "the lake at {root} has data from this pipeline, but {} {} none: a table \
+                 deleted from the lake, or a feature file added to a running pipeline, cannot \
+                 be backfilled yet. Restore the table, or start with an empty lake (or a new \
+                 LAKE_URL) to re-snapshot",
+                missing.join(", "),
+                if missing.len() == 1 { "has" } else { "have" }
+            )))
+        }
+    };
     let slot = slot_info(&client, &slot_name).await?;
     if let Some(info) = &slot {
         if info.database != conn.database || info.plugin != "pgoutput" {
@@ -250,9 +268,19 @@ pub async fn run(
         }
         snap.consistent_lsn
     } else {
-        let rows = rebuild_state(&engine, &sink, &schemas).await?;
+        // State must reflect exactly the transactions that will not be streamed again:
+        // those committed before the slot's confirmed position (Postgres resends the rest)
+        // and those in every table (the batcher skips them). A table that committed
+        // further before a crash gets those changes again from the stream, not from the
+        // lake, so a replayed batch sees the state it was first computed on.
+        let resume_at = slot
+            .as_ref()
+            .and_then(|i| i.confirmed_flush_lsn)
+            .unwrap_or(0)
+            .max(sink.committed_everywhere());
+        let rows = rebuild_state(&engine, &sink, &schemas, resume_at).await?;
         tracing::info!(rows, elapsed_ms = started.elapsed().as_millis() as u64,
-            confirmed_flush = %slot.and_then(|i| i.confirmed_flush_lsn).map(lsn_string).unwrap_or_default(),
+            resume_at = %lsn_string(resume_at),
             "state rebuilt from the lake; resuming from the slot");
         sink.committed_everywhere()
     };
@@ -372,6 +400,13 @@ fn not_yet_committed(rows: &RecordBatch, committed: u64) -> Result<RecordBatch, 
         .map_err(|e| RunError::Inconsistent(e.to_string()))
 }
 
+/// The `_lsn` of snapshot rows: just below the consistent point, because a streamed
+/// transaction's commit record may start exactly at it, and replay order (`_lsn`, `_seq`)
+/// and the state rebuild (`_lsn` < resume point) must put the snapshot strictly first.
+fn snapshot_row_lsn(consistent_lsn: u64) -> u64 {
+    consistent_lsn.saturating_sub(1)
+}
+
 /// Loads the snapshot into state, computes every entity's features, and commits raw
 /// tables and features at the consistent LSN.
 async fn write_snapshot(
@@ -392,7 +427,7 @@ async fn write_snapshot(
                 batch::snapshot_rows_as_changes(
                     &raw,
                     b,
-                    snap.consistent_lsn,
+                    snapshot_row_lsn(snap.consistent_lsn),
                     snap.taken_at_micros,
                     seq,
                 )
@@ -412,15 +447,51 @@ async fn write_snapshot(
         "features computed for every entity"
     );
     writes.extend(feature_writes(features));
-    sink.commit(writes, snap.consistent_lsn).await?;
+    sink.commit_snapshot(writes, snap.consistent_lsn).await?;
     Ok(rows)
 }
 
-/// Rebuilds in-memory state by replaying each raw mirror table in change order.
+/// How far the lake got, from each table's committed txn version.
+enum LakeProgress {
+    /// No table has anything from this pipeline.
+    Empty,
+    /// Some tables hold the initial snapshot, the others nothing: the process stopped
+    /// while committing the snapshot. Retaking it (replacing every table) loses nothing.
+    InterruptedSnapshot(u64),
+    /// Every table has data; streaming resumes from the lowest committed version.
+    Complete,
+    /// Tables with nothing while others went further than a snapshot (named here).
+    Partial(Vec<String>),
+}
+
+fn lake_progress(sink: &DeltaSink) -> LakeProgress {
+    let by_table = sink.committed_by_table();
+    let missing: Vec<String> = by_table
+        .iter()
+        .filter(|(_, v)| *v == 0)
+        .map(|(p, _)| p.clone())
+        .collect();
+    let max = sink.committed_anywhere();
+    if max == 0 {
+        LakeProgress::Empty
+    } else if missing.is_empty() {
+        LakeProgress::Complete
+    } else if by_table.iter().all(|(_, v)| *v == 0 || *v == max) {
+        // Streaming starts only after the snapshot is in every table, so tables that all
+        // stopped at one version next to empty ones can only be a part-written snapshot.
+        LakeProgress::InterruptedSnapshot(max)
+    } else {
+        LakeProgress::Partial(missing)
+    }
+}
+
+/// Rebuilds in-memory state by replaying, in change order, each raw mirror table's
+/// transactions committed before `resume_at`.
 async fn rebuild_state(
     engine: &FeatureEngine,
     sink: &DeltaSink,
     schemas: &[TableSchema],
+    resume_at: u64,
 ) -> Result<usize, RunError> {
     let mut total = 0;
     for (t, schema) in schemas.iter().enumerate() {
@@ -442,7 +513,8 @@ async fn rebuild_state(
             .map_err(|e| err(e.to_string()))?;
         let batches = ctx
             .sql(&format!(
-                "SELECT * FROM raw ORDER BY \"{LSN}\", \"{}\"",
+                "SELECT * FROM raw WHERE \"{LSN}\" < {} ORDER BY \"{LSN}\", \"{}\"",
+                resume_at as i64,
                 batch::SEQ
             ))
             .await

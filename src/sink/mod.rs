@@ -144,6 +144,19 @@ impl DeltaSink {
         self.tables.get(path).and_then(|t| t.table.as_ref())
     }
 
+    /// The highest batch version committed to any table (0 when none).
+    pub fn committed_anywhere(&self) -> u64 {
+        self.tables.values().map(|t| t.committed).max().unwrap_or(0)
+    }
+
+    /// Committed version of every table, by path.
+    pub fn committed_by_table(&self) -> Vec<(String, u64)> {
+        self.tables
+            .iter()
+            .map(|(p, t)| (p.clone(), t.committed))
+            .collect()
+    }
+
     /// Appends `writes` (table path → batches) as one commit per table, concurrently,
     /// each tagged with `version`. Tables that already hold `version` are skipped, so
     /// a retried batch is never written twice. Returns when every commit is durable.
@@ -152,18 +165,53 @@ impl DeltaSink {
         writes: Vec<(String, Vec<RecordBatch>)>,
         version: u64,
     ) -> Result<(), SinkError> {
+        self.commit_with(writes, version, SaveMode::Append).await
+    }
+
+    /// Replaces the content of **every** table with `writes` (tables not named become
+    /// empty), each commit tagged with `version`. Used for the initial snapshot, so that a
+    /// snapshot retaken after one interrupted part-way never doubles rows, and so that
+    /// every table, empty ones included, records that it holds the snapshot.
+    pub async fn commit_snapshot(
+        &mut self,
+        mut writes: Vec<(String, Vec<RecordBatch>)>,
+        version: u64,
+    ) -> Result<(), SinkError> {
+        for path in self.tables.keys() {
+            if !writes.iter().any(|(p, _)| p == path) {
+                writes.push((path.clone(), Vec::new()));
+            }
+        }
+        for (path, batches) in &mut writes {
+            if batches.is_empty() {
+                let entry = self
+                    .tables
+                    .get(path)
+                    .ok_or_else(|| SinkError::Unknown(path.clone()))?;
+                batches.push(RecordBatch::new_empty(entry.schema.clone()));
+            }
+        }
+        self.commit_with(writes, version, SaveMode::Overwrite).await
+    }
+
+    async fn commit_with(
+        &mut self,
+        writes: Vec<(String, Vec<RecordBatch>)>,
+        version: u64,
+        mode: SaveMode,
+    ) -> Result<(), SinkError> {
         let mut jobs = Vec::new();
         for (path, batches) in writes {
             let entry = self
                 .tables
                 .get_mut(&path)
                 .ok_or_else(|| SinkError::Unknown(path.clone()))?;
-            if entry.committed >= version || batches.iter().all(|b| b.num_rows() == 0) {
+            let empty = batches.iter().all(|b| b.num_rows() == 0);
+            if entry.committed >= version || (empty && matches!(mode, SaveMode::Append)) {
                 continue;
             }
             let table = entry.table.take().expect("no concurrent commit");
             let app_id = self.app_id.clone();
-            let schema = entry.schema.clone();
             jobs.push(async move {
                 let started = Instant::now();
                 let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
@@ -172,10 +220,9 @@ impl DeltaSink {
                 let backup = table.clone();
                 let result = table
                     .write(batches)
-                    .with_save_mode(SaveMode::Append)
+                    .with_save_mode(mode)
                     .with_commit_properties(props)
                     .await;
-                let _ = schema;
                 match result {
                     Ok(t) => {
                         tracing::debug!(table = %path, rows, version = ?t.version(),

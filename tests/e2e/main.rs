@@ -1,6 +1,7 @@
 //! End-to-end tests against a real PostgreSQL (wal_level=logical) and real Delta tables.
 //! One test binary (each links the whole dependency tree).
 
+mod faults;
 mod support;
 
 use std::process::Command;
