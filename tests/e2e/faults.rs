@@ -142,6 +142,21 @@ fn run_and_kill(p: &TestPipeline, delay: Duration, log: &std::path::Path) {
     );
 }
 
+/// `pipeline run --once`, which must succeed.
+fn run_once(p: &TestPipeline, what: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["run", "--once"])
+        .arg(&p.file)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Per table: rows in the raw mirror, distinct `(_lsn, _seq, id)`, and streamed changes
 /// (rows after the snapshot, which sits at the lowest `_lsn`).
 async fn raw_change_counts(lake: &std::path::Path, table: &str) -> (i64, i64, i64) {
@@ -215,17 +230,7 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
     // Killed during the initial snapshot (or just after it), before any load.
     run_and_kill(&p, Duration::from_millis(rng.random_range(100..900)), &log);
     wait_slot_released(&client, &p.slot).await;
-    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["run", "--once"])
-        .arg(&p.file)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "--once after a killed snapshot: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_once(&p, "--once after a killed snapshot");
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = spawn_load(info.url.clone(), seed ^ 0x5eed, stop.clone());
@@ -236,17 +241,7 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
     stop.store(true, Ordering::Relaxed);
     let transactions = load.await.unwrap();
 
-    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["run", "--once"])
-        .arg(&p.file)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "final --once: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_once(&p, "final --once");
 
     let audit: BTreeMap<String, i64> = client
         .query("SELECT tbl, count(*) FROM audit_changes GROUP BY tbl", &[])
