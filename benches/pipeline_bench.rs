@@ -4,13 +4,16 @@
 //!    peak RSS of the process, over several runs.
 //! 2. Single-row change → visible in the Delta feature table: a row is updated every
 //!    ~50 ms (low load) and the time from COMMIT returning to the Delta commit file that
-//!    carries it existing is measured.
+//!    carries it existing is measured, on a local-directory lake and on an S3 lake
+//!    (s3s-fs on loopback), with each table's Delta commit time from the pipeline's log.
+//! 3. Restart on the full dump: from process start to streaming again (state rebuilt
+//!    from the lake, no re-snapshot).
 //!
 //! Run: `cargo bench --bench pipeline_bench` (needs ../shared/dumps, or set BENCH_DUMP).
 //! Knobs: BENCH_RUNS (default 3), BENCH_CHANGES (default 200).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const AS_OF: &str = "2020-08-23";
@@ -24,14 +27,19 @@ fn bin() -> &'static str {
 }
 
 fn write_pipeline(dir: &Path, url: &str, as_of: &str) -> PathBuf {
+    let lake = format!("lake:\n  url: {}\n", dir.join("lake").display());
+    write_pipeline_with_lake(dir, url, as_of, &lake)
+}
+
+/// `lake_yaml`: the pipeline file's `lake:` section.
+fn write_pipeline_with_lake(dir: &Path, url: &str, as_of: &str, lake_yaml: &str) -> PathBuf {
     let features = Path::new(env!("CARGO_MANIFEST_DIR")).join("feature_defs/client_features.yaml");
     let file = dir.join("pipeline.yaml");
     std::fs::write(
         &file,
         format!(
             "name: bench\nsource:\n  url: {url}\n  publication: bench_pub\n  slot: bench_slot\n  tables: [user, loan, payment]\n\
-             lake:\n  url: {}\nfeatures:\n  - {}\nclock:\n  as_of: {as_of}\n",
-            dir.join("lake").display(),
+             {lake_yaml}features:\n  - {}\nclock:\n  as_of: {as_of}\n",
             features.display()
         ),
     )
@@ -136,39 +144,328 @@ fn main() {
         rss[rss.len() - 1]
     );
 
-    // 2. Change → visible latency at low load.
+    // 2. Change → visible latency at low load, on a local-directory lake and (when s3s-fs
+    //    is installed) on an S3 lake served by s3s-fs on loopback.
     drop_slot(&url);
     let dir = tempfile::tempdir().unwrap();
     let file = write_pipeline(dir.path(), &url, "");
-    let log = std::fs::File::create(dir.path().join("run.log")).unwrap();
-    let mut child = Command::new(bin())
-        .args(["run"])
-        .arg(&file)
-        .env("RUST_LOG", "info")
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let log_path = dir.path().join("run.log");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !std::fs::read_to_string(&log_path)
-        .unwrap_or_default()
-        .contains("streaming changes")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "pipeline did not start streaming"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let delta_log = dir.path().join("lake/features/client_features/_delta_log");
-    let mut next_version = latest_version(&delta_log) + 1;
+    let local = change_to_visible(&url, &file, dir.path(), &delta_log, changes);
+    report_latency("local", &local);
+    drop_slot(&url);
+    match s3s_fs() {
+        Some(s3s) => {
+            let s3_dir = tempfile::tempdir().unwrap();
+            let data = s3_dir.path().join("s3data");
+            std::fs::create_dir_all(data.join("lake")).unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut server = Command::new(s3s)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", "bench", "--secret-key", "bench-secret"])
+                .arg(&data)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let lake = format!(
+                "lake:\n  url: s3://lake/bench\n  storage_options:\n    aws_endpoint: http://127.0.0.1:{port}\n    \
+                 aws_allow_http: \"true\"\n    aws_region: us-east-1\n    aws_access_key_id: bench\n    \
+                 aws_secret_access_key: bench-secret\n"
+            );
+            let s3_file = write_pipeline_with_lake(s3_dir.path(), &url, "", &lake);
+            // s3s-fs keeps each object as a file: a commit is visible once its file exists.
+            let s3_log = data.join("lake/bench/features/client_features/_delta_log");
+            let s3 = change_to_visible(&url, &s3_file, s3_dir.path(), &s3_log, changes);
+            report_latency("s3", &s3);
+            let _ = server.kill();
+            drop_slot(&url);
+        }
+        None => println!(
+            "change_to_visible_ms[s3]: skipped (s3s-fs not installed: bash scripts/setup-s3.sh)"
+        ),
+    }
+
+    // 3. Restart on the full dump: state rebuilt from the lake, back to streaming.
+    let mut restarts = Vec::new();
+    for i in 0..runs {
+        let (mut child, took) = start_streaming(&file, &dir.path().join(format!("restart{i}.log")));
+        restarts.push(took.as_secs_f64());
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let _ = child.wait();
+    }
+    restarts.sort_by(f64::total_cmp);
+    drop_slot(&url);
+    println!(
+        "restart_to_streaming_s: runs={runs} median={:.3} max={:.3}",
+        percentile(&restarts, 0.5),
+        restarts[restarts.len() - 1]
+    );
+
+    // 4. Catch-up after a backlog of changes made while the pipeline was down, next to
+    //    pg_recvlogical draining the same backlog from its own slot (the floor).
+    let backlog: i64 = std::env::var("BENCH_BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    if backlog > 0 {
+        catch_up(&url, backlog);
+    }
+
+    // 5. A feature table after many small commits and maintenance, read from Python,
+    //    against the same rows written in one commit.
+    let commits: u64 = std::env::var("BENCH_COMMITS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    if commits > 0 {
+        read_after_many_commits(&url, commits);
+    }
+}
+
+/// The examples' virtualenv (scripts/examples.sh), which has deltalake and duckdb.
+fn bench_python() -> Option<PathBuf> {
+    let p = std::env::var("BENCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/pipeline-examples-venv/bin/python")
+        });
+    p.exists().then_some(p)
+}
+
+/// Streams single-row updates until the feature table has `commits` more versions (the
+/// background maintainer checkpoints and compacts meanwhile), runs `pipeline maintain`,
+/// then times a Python `deltalake` load + latest-value query against a one-commit copy.
+fn read_after_many_commits(url: &str, commits: u64) {
+    let Some(python) = bench_python() else {
+        println!("read_after_commits: skipped (no Python venv: bash scripts/examples.sh)");
+        return;
+    };
+    drop_slot(url);
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(dir.path(), url, "");
+    let table = dir.path().join("lake/features/client_features");
+    let delta_log = table.join("_delta_log");
+    let (mut child, _) = start_streaming(&file, &dir.path().join("many.log"));
+    let first = latest_version(&delta_log);
+    let started = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let changes = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let ids: Vec<i32> = client
+            .query("SELECT id FROM loan ORDER BY id LIMIT 5000", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut changes = 0usize;
+        let mut reported = first;
+        loop {
+            let v = latest_version(&delta_log);
+            if v >= first + commits {
+                break changes;
+            }
+            if v >= reported + 1000 {
+                reported = v;
+                eprintln!(
+                    "  {} / {commits} commits, {changes} changes, {:.0}s",
+                    v - first,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            client
+                .execute(
+                    "UPDATE loan SET status = CASE WHEN status = 'paid' THEN 'active' ELSE 'paid' END WHERE id = $1",
+                    &[&ids[changes % ids.len()]],
+                )
+                .await
+                .unwrap();
+            changes += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let _ = child.wait();
+    drop_slot(url);
+    println!(
+        "read_after_commits: {commits} commits from {changes} single-row changes in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    let out = Command::new(bin())
+        .arg("maintain")
+        .arg(&file)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    print!(
+        "pipeline maintain: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let st = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/read_lake_bench.py"))
+        .arg(&table)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Updates loans in transactions of ≤ 10,000 rows until `target` row changes are made
+/// with no pipeline running; then times `pg_recvlogical` and `pipeline run --once` over them.
+fn catch_up(url: &str, target: i64) {
+    drop_slot(url);
+    psql(url, "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE slot_name = 'bench_recv'");
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(dir.path(), url, "");
+    let st = Command::new(bin())
+        .args(["run", "--once"])
+        .arg(&file)
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(st.success(), "snapshot before the backlog");
+    psql(
+        url,
+        "SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput')",
+    );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let latencies = rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let (made, end_lsn) = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let max_id: i32 = client
+            .query_one("SELECT max(id) FROM loan", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let (mut made, mut from) = (0i64, 0i32);
+        let started = Instant::now();
+        while made < target {
+            let n = client
+                .execute(
+                    "UPDATE loan SET amount = amount + 1 WHERE id > $1 AND id <= $1 + 10000",
+                    &[&from],
+                )
+                .await
+                .unwrap();
+            made += n as i64;
+            from = if from + 10000 >= max_id {
+                0
+            } else {
+                from + 10000
+            };
+            if made % 100_000 < n as i64 {
+                eprintln!(
+                    "backlog: {made} changes ({:.0}s)",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        let lsn: String = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (made, lsn)
+    });
+
+    let started = Instant::now();
+    let st = Command::new("pg_recvlogical")
+        .args([
+            "-d",
+            url,
+            "-S",
+            "bench_recv",
+            "--start",
+            "--no-loop",
+            "-f",
+            "/dev/null",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=bench_pub",
+            "-E",
+            &end_lsn,
+        ])
+        .status()
+        .unwrap();
+    let recv = started.elapsed().as_secs_f64();
+    assert!(st.success(), "pg_recvlogical");
+    psql(url, "SELECT pg_drop_replication_slot('bench_recv')");
+
+    let started = Instant::now();
+    let st = Command::new(bin())
+        .args(["run", "--once"])
+        .arg(&file)
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    let ours = started.elapsed().as_secs_f64();
+    assert!(st.success(), "catch-up --once");
+    drop_slot(url);
+    println!(
+        "catch_up: changes={made} pipeline_once_s={ours:.2} ({:.0} changes/s, incl. start-up) \
+         pg_recvlogical_s={recv:.2} ({:.0} changes/s)",
+        made as f64 / ours,
+        made as f64 / recv
+    );
+}
+
+struct Latency {
+    /// COMMIT returned in Postgres → the Delta commit carrying it exists, per change (ms).
+    visible_ms: Vec<f64>,
+    /// Per-table Delta commit time as the pipeline logs it (ms).
+    commit_ms: Vec<f64>,
+    first_start: Duration,
+}
+
+fn s3s_fs() -> Option<PathBuf> {
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
+    let p = std::env::var("S3S_FS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or(home.join("bin/s3s-fs"));
+    p.exists().then_some(p)
+}
+
+/// Streams `file`'s pipeline and updates one loan every ~50 ms, `changes` times, timing
+/// each from COMMIT to its Delta commit file appearing in `delta_log`.
+fn change_to_visible(
+    url: &str,
+    file: &Path,
+    dir: &Path,
+    delta_log: &Path,
+    changes: usize,
+) -> Latency {
+    let log = dir.join("run.log");
+    let (mut child, first_start) = start_streaming_with(file, &log, "info,pipeline::sink=debug");
+    let mut next_version = latest_version(delta_log) + 1;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let visible_ms = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(conn);
         let ids: Vec<i32> = client
             .query("SELECT id FROM loan WHERE status IN ('paid', 'active') ORDER BY id LIMIT $1", &[&(changes as i64)])
@@ -208,17 +505,75 @@ fn main() {
     });
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let _ = child.wait();
-    drop_slot(&url);
-    let mut sorted = latencies.clone();
-    sorted.sort_by(f64::total_cmp);
+    let commit_ms = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("delta commit"))
+        .filter_map(|l| {
+            let v = &l[l.find("elapsed_ms=")? + "elapsed_ms=".len()..];
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .collect();
+    Latency {
+        visible_ms,
+        commit_ms,
+        first_start,
+    }
+}
+
+fn report_latency(lake: &str, l: &Latency) {
+    let mut v = l.visible_ms.clone();
+    v.sort_by(f64::total_cmp);
+    let mut c = l.commit_ms.clone();
+    c.sort_by(f64::total_cmp);
     println!(
-        "change_to_visible_ms: n={} p50={:.1} p90={:.1} p99={:.1} max={:.1}",
-        sorted.len(),
-        percentile(&sorted, 0.5),
-        percentile(&sorted, 0.9),
-        percentile(&sorted, 0.99),
-        sorted[sorted.len() - 1]
+        "change_to_visible_ms[{lake}]: n={} p50={:.1} p90={:.1} p99={:.1} max={:.1}; first start (snapshot) to streaming {:.2}s",
+        v.len(),
+        percentile(&v, 0.5),
+        percentile(&v, 0.9),
+        percentile(&v, 0.99),
+        v[v.len() - 1],
+        l.first_start.as_secs_f64()
     );
+    if !c.is_empty() {
+        println!(
+            "delta_commit_ms[{lake}]: n={} p50={:.0} p99={:.0} max={:.0} (one table's commit: Parquet + log entry)",
+            c.len(),
+            percentile(&c, 0.5),
+            percentile(&c, 0.99),
+            c[c.len() - 1]
+        );
+    }
+}
+
+/// Starts `pipeline run` logging to `log`; returns once it logs that it is streaming.
+fn start_streaming(file: &Path, log: &Path) -> (Child, Duration) {
+    start_streaming_with(file, log, "info")
+}
+
+fn start_streaming_with(file: &Path, log: &Path, rust_log: &str) -> (Child, Duration) {
+    let started = Instant::now();
+    let child = Command::new(bin())
+        .args(["run"])
+        .arg(file)
+        .env("RUST_LOG", rust_log)
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("streaming changes")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "pipeline did not start streaming"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, started.elapsed())
 }
 
 fn parse_lsn(s: &str) -> u64 {

@@ -2,11 +2,29 @@
 # One command for a fresh machine: Postgres with wal_level=logical, data loaded, the
 # pipeline built and run on the local lake (./lake), and feature rows shown arriving
 # as the demo changes data. `--fresh` reloads the database and empties the lake.
+# `--s3` puts the lake on a local S3-API server (s3s-fs on 127.0.0.1:9000, data in ./s3data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+fresh=false s3=false
+for arg in "$@"; do
+  case $arg in
+    --fresh) fresh=true ;;
+    --s3) s3=true ;;
+    *) echo "usage: $0 [--fresh] [--s3]" >&2; exit 2 ;;
+  esac
+done
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pipeline-target}
 export PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432/de_test_task_db}
+if $s3; then
+  export S3_PORT=${S3_PORT:-9000} AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-pipeline}
+  export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-pipeline-secret} AWS_REGION=${AWS_REGION:-us-east-1}
+  export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT AWS_ALLOW_HTTP=true
+  bash scripts/setup-s3.sh --start ./s3data
+  export LAKE_URL=s3://lake/loan_features
+  lake_dir=./s3data/lake/loan_features
+fi
 export LAKE_URL=${LAKE_URL:-./lake}
+$s3 || lake_dir=$LAKE_URL
 PIPELINE=pipelines/loan_features.yaml
 BIN=$CARGO_TARGET_DIR/release/pipeline
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -18,8 +36,8 @@ cargo build --release --bin pipeline
 
 db=${PG_URL##*/}
 has_data=$(psql -X -tA "$PG_URL" -c "SELECT to_regclass('public.loan') IS NOT NULL" 2>/dev/null || true)
-if [ "${1:-}" = "--fresh" ] || [ "$has_data" != "t" ]; then
-  rm -rf "$LAKE_URL"
+if $fresh || [ "$has_data" != "t" ]; then
+  rm -rf "$lake_dir"
   if [ -f ../shared/dumps/de_test_task_db ]; then
     say "restoring ../shared/dumps/de_test_task_db into $db"
     "$BIN" db restore --clean ../shared/dumps/de_test_task_db

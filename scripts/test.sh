@@ -8,6 +8,7 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 step() { printf '\n== %s\n' "$*"; }
 
 bash scripts/setup-postgres.sh
+bash scripts/setup-s3.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -77,6 +77,9 @@ pub struct ChangeBatch {
     pub first_received: Instant,
     /// Set on the batch that closes a `--once` run.
     pub last: bool,
+    /// Per table, the `(row, column)` cells of updates whose TOASTed value pgoutput did
+    /// not send because it did not change: NULL in `tables` until filled from state.
+    pub unchanged_toast: Vec<Vec<(usize, usize)>>,
 }
 
 struct TableBuilder {
@@ -86,6 +89,7 @@ struct TableBuilder {
     lsn: Vec<i64>,
     seq: Vec<i64>,
     ts: Vec<i64>,
+    unchanged_toast: Vec<(usize, usize)>,
     bad_values: usize,
 }
 
@@ -102,6 +106,7 @@ impl TableBuilder {
             lsn: Vec::new(),
             seq: Vec::new(),
             ts: Vec::new(),
+            unchanged_toast: Vec::new(),
             bad_values: 0,
         }
     }
@@ -122,15 +127,22 @@ impl TableBuilder {
                         }
                     }
                 }
-                // Unchanged TOAST values are not sent by pgoutput. TODO(issue 3): fill
-                // them from state; until then they are NULL in the change row.
-                Datum::Null | Datum::UnchangedToast => b.append_null(),
+                Datum::Null => b.append_null(),
+                // Not sent by pgoutput: a placeholder the feature engine fills from state.
+                Datum::UnchangedToast => {
+                    self.unchanged_toast.push((self.lsn.len(), i));
+                    b.append_null()
+                }
             }
         }
         self.op.append_value(change.op.as_str());
         self.lsn.push(lsn as i64);
         self.seq.push(change.seq);
         self.ts.push(ts);
+    }
+
+    fn take_unchanged_toast(&mut self) -> Vec<(usize, usize)> {
+        std::mem::take(&mut self.unchanged_toast)
     }
 
     fn finish(&mut self) -> Option<RecordBatch> {
@@ -186,6 +198,8 @@ pub async fn run(
     let mut pending = Pending::default();
     let mut done = false;
     let mut stream_ended = false;
+    // End LSN of the last batch handed to the processor.
+    let mut last_cut_end = 0u64;
     // Whatever is committed in every table may be confirmed at once (a crash between
     // the lake commit and the acknowledgement leaves the slot behind the lake).
     if opts.skip_through > 0 {
@@ -214,13 +228,25 @@ pub async fn run(
                 done = true;
             }
             changed = acks.changed() => {
-                if changed.is_ok() {
-                    stream.ack(*acks.borrow_and_update());
+                match changed {
+                    Ok(()) => stream.ack(*acks.borrow_and_update()),
+                    // The processor is gone (it failed, or the run ended): nothing more can
+                    // become durable, and what is pending is replayed from the slot.
+                    Err(_) => break,
                 }
             }
             ev = stream.next(), if can_read => {
                 match ev? {
                     None => stream_ended = true,
+                    Some(SourceEvent::Heartbeat { wal_end }) => {
+                        // Idle (no transaction open or pending, every batch acknowledged):
+                        // nothing of ours lies before `wal_end` unacknowledged, so the slot
+                        // may move there. Keeps an idle slot from retaining the WAL that
+                        // other tables and databases write.
+                        if open.is_none() && pending.txns == 0 && *acks.borrow() >= last_cut_end {
+                            stream.ack(wal_end);
+                        }
+                    }
                     Some(ev) => {
                         if handle_event(ev, &schemas, &opts, &mut builders, &mut open, &mut pending) {
                             done = true;
@@ -230,7 +256,9 @@ pub async fn run(
             }
             permit = out.reserve(), if pending.txns > 0 && open.is_none() => {
                 let Ok(permit) = permit else { break };
-                permit.send(pending.cut(&mut builders, false));
+                let batch = pending.cut(&mut builders, false);
+                last_cut_end = batch.end_lsn;
+                permit.send(batch);
             }
             _ = sleep_until(deadline), if deadline.is_some() && !ready => {}
             else => {}
@@ -280,6 +308,10 @@ struct Pending {
 impl Pending {
     fn cut(&mut self, builders: &mut [TableBuilder], last: bool) -> ChangeBatch {
         let batch = ChangeBatch {
+            unchanged_toast: builders
+                .iter_mut()
+                .map(TableBuilder::take_unchanged_toast)
+                .collect(),
             tables: builders.iter_mut().map(TableBuilder::finish).collect(),
             end_lsn: self.end_lsn,
             commit_lsn: self.commit_lsn,
@@ -357,6 +389,8 @@ fn handle_event(
                 return true;
             }
         }
+        // Handled by the loop, which knows what is acknowledged.
+        SourceEvent::Heartbeat { .. } => {}
     }
     false
 }

@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod config;
 pub mod db;
+pub mod fault;
 pub mod features;
 pub mod runner;
 pub mod serve;

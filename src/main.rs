@@ -32,6 +32,9 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Drop the replication slot and replace every lake table with a new consistent
+    /// snapshot, then exit: the way back after the slot was invalidated or dropped.
+    Resnapshot { pipeline: PathBuf },
     /// Load the pipeline and its feature files and plan every feature; writes nothing.
     Validate { pipeline: PathBuf },
     /// Print the latest feature row of entities (all when no key is given).
@@ -43,6 +46,9 @@ enum Command {
         #[arg(long)]
         table: Option<String>,
     },
+    /// Checkpoint, compact and vacuum every table of the pipeline's lake now (`run` also
+    /// does this in the background, per `lake.maintenance`).
+    Maintain { pipeline: PathBuf },
     /// Manage the source database.
     Db {
         /// Database URL.
@@ -80,11 +86,20 @@ enum DbCommand {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,pipeline=info,buoyant_kernel=off")
-    });
+    // delta-kernel logs an ERROR for every table it opens that does not exist yet (each
+    // first run); that is expected here, so it is silenced unless RUST_LOG names it.
+    let quiet = "buoyant_kernel::snapshot::builder=off";
+    let directives = match std::env::var("RUST_LOG") {
+        Ok(v) if v.contains("buoyant_kernel") => v,
+        Ok(v) if !v.trim().is_empty() => format!("{v},{quiet}"),
+        _ => "warn,pipeline=info,buoyant_kernel=off".to_string(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,pipeline=info"));
+    // Colours only on a terminal: log files and collectors get plain `key=value` text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -125,9 +140,27 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let p = Pipeline::load(&pipeline)?;
             let cancel = CancellationToken::new();
             shutdown_on_signal(cancel.clone());
-            let s = runner::run_supervised(&p, runner::RunOptions { once }, cancel).await?;
+            let opts = runner::RunOptions {
+                once,
+                ..Default::default()
+            };
+            let s = runner::run_supervised(&p, opts, cancel).await?;
             tracing::info!(snapshot_rows = s.snapshot_rows, batches = s.batches, changes = s.changes,
                 lsn = %pipeline::source::lsn_string(s.last_lsn), "pipeline stopped cleanly");
+        }
+        Command::Resnapshot { pipeline } => {
+            let p = Pipeline::load(&pipeline)?;
+            let opts = runner::RunOptions {
+                resnapshot: true,
+                ..Default::default()
+            };
+            let s = runner::run(&p, opts, CancellationToken::new()).await?;
+            println!(
+                "resnapshot of {}: {} rows at {}; `pipeline run` streams on from there",
+                pipeline.display(),
+                s.snapshot_rows,
+                pipeline::source::lsn_string(s.last_lsn)
+            );
         }
         Command::Validate { pipeline } => {
             let p = Pipeline::load(&pipeline)?;
@@ -155,10 +188,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .with_context(|| format!("no feature table `{t}` in {}", pipeline.display()))?,
                 None => &p.feature_files[0],
             };
-            let rows =
-                pipeline::serve::latest(&p.config.lake.url, &file.name, &file.entity.key, &keys)
-                    .await?;
+            let lake = p.config.lake.open()?;
+            let rows = pipeline::serve::latest(&lake, &file.name, &file.entity.key, &keys).await?;
             println!("{}", arrow::util::pretty::pretty_format_batches(&rows)?);
+        }
+        Command::Maintain { pipeline } => {
+            let p = Pipeline::load(&pipeline)?;
+            let lake = p.config.lake.open()?;
+            for path in runner::table_paths(&p) {
+                let r =
+                    pipeline::sink::maintain_table(&lake, &path, &p.config.lake.maintenance, true)
+                        .await?;
+                println!(
+                    "{path}: compacted {} files into {}, vacuumed {}, checkpoint at version {}, {} old log files removed",
+                    r.files_compacted,
+                    r.files_written,
+                    r.files_vacuumed,
+                    r.checkpoint_version.unwrap_or(0),
+                    r.logs_cleaned
+                );
+            }
         }
         Command::Db { url, command } => {
             let info = ConnInfo::parse(&url)?;

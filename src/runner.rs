@@ -10,7 +10,7 @@
 use crate::batch::{self, BatcherOptions, ChangeBatch, LSN};
 use crate::config::Pipeline;
 use crate::features::{FeatureEngine, FeatureError, FeatureRows};
-use crate::sink::{lake_root, DeltaSink, SinkError};
+use crate::sink::{DeltaSink, Maintainer, SinkError};
 use crate::source::{
     self, check_wal_level, connect, create_slot_with_snapshot, ensure_publication, load_schemas,
     lsn_string, slot_info, ChangeStream, ConnInfo, SourceError, TableSchema,
@@ -36,7 +36,12 @@ pub enum RunError {
     #[error("{0}")]
     SlotBusy(String),
     #[error("rebuilding state from {table}: {message}")]
-    Rebuild { table: String, message: String },
+    Rebuild {
+        table: String,
+        message: String,
+        /// The lake's store could not be reached (a retry may succeed).
+        unreachable: bool,
+    },
 }
 
 impl From<SinkError> for RunError {
@@ -51,21 +56,32 @@ impl RunError {
     pub fn is_transient(&self) -> bool {
         match self {
             RunError::Source(SourceError::Connect { .. }) => true,
-            RunError::Source(SourceError::Postgres(e)) => {
-                e.as_db_error().is_none() || e.is_closed()
-            }
-            RunError::Source(SourceError::Replication(e)) => {
-                matches!(
-                    e,
-                    pgwire_replication::PgWireError::Io(_)
-                        | pgwire_replication::PgWireError::Task(_)
-                ) || e.to_string().contains("terminating connection")
-            }
+            RunError::Source(SourceError::Postgres(e)) => match e.as_db_error() {
+                None => true,
+                Some(db) => e.is_closed() || transient_sqlstate(db.code().code()),
+            },
+            RunError::Source(SourceError::Replication(e)) => match e {
+                pgwire_replication::PgWireError::Io(_)
+                | pgwire_replication::PgWireError::Task(_) => true,
+                pgwire_replication::PgWireError::Server(m) => m
+                    .split("SQLSTATE ")
+                    .nth(1)
+                    .is_some_and(|c| transient_sqlstate(c.get(..5).unwrap_or(c))),
+                _ => false,
+            },
             RunError::Source(SourceError::Slot(m)) => m.contains("ended unexpectedly"),
             RunError::SlotBusy(_) => true,
+            RunError::Sink(e) => e.is_transient(),
+            RunError::Rebuild { unreachable, .. } => *unreachable,
             _ => false,
         }
     }
+}
+
+/// Server errors that a reconnect cures: connection exceptions (class 08), the server
+/// shutting down, crashed or starting up (57P01–57P03), too many connections (53300).
+fn transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
 }
 
 /// Runs the pipeline; in streaming mode, transient failures (Postgres restarted or
@@ -101,6 +117,9 @@ pub async fn run_supervised(
 pub struct RunOptions {
     /// Process what was committed before the start, then exit.
     pub once: bool,
+    /// Drop the slot (if any), take a new snapshot replacing every table, then exit:
+    /// the way back after the slot was invalidated or lost.
+    pub resnapshot: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -141,6 +160,13 @@ fn feature_path(name: &str) -> String {
     format!("features/{name}")
 }
 
+/// Every Delta table of the pipeline, as paths under the lake root.
+pub fn table_paths(pipeline: &Pipeline) -> Vec<String> {
+    let raw = pipeline.tables.iter().map(|t| format!("raw/{}", t.name));
+    let features = pipeline.feature_files.iter().map(|f| feature_path(&f.name));
+    raw.chain(features).collect()
+}
+
 pub async fn run(
     pipeline: &Pipeline,
     opts: RunOptions,
@@ -169,9 +195,22 @@ pub async fn run(
             .into_iter()
             .map(|(n, s)| (feature_path(&n), s)),
     );
-    let root = lake_root(&pipeline.config.lake.url)?;
-    let mut sink = DeltaSink::open(root.clone(), app_id, specs).await?;
+    let lake = pipeline.config.lake.open()?;
+    let root = lake.root().clone();
+    let (maintainer, _maintenance) =
+        Maintainer::spawn(lake.clone(), pipeline.config.lake.maintenance.clone());
+    // A resnapshot marks the lake before it drops the slot and clears the mark once every
+    // table holds the new snapshot: a run that finds the mark finishes the resnapshot
+    // instead of streaming onto a half-replaced lake.
+    let resnapshot = opts.resnapshot || lake.has_marker(RESNAPSHOT_MARKER).await?;
+    if resnapshot && !opts.resnapshot {
+        tracing::warn!(lake = %root, "a resnapshot was interrupted: finishing it first");
+    }
+    let mut sink = DeltaSink::open(lake.clone(), app_id, specs)
+        .await?
+        .with_maintainer(maintainer);
     let lake_has_data = match lake_progress(&sink) {
+        _ if resnapshot => true,
         LakeProgress::Empty => false,
         LakeProgress::InterruptedSnapshot(lsn) => {
             tracing::warn!(lake = %root, snapshot_lsn = %lsn_string(lsn),
@@ -183,8 +222,8 @@ pub async fn run(
             return Err(RunError::Inconsistent(format!(
                 "the lake at {root} has data from this pipeline, but {} {} none: a table \
                  deleted from the lake, or a feature file added to a running pipeline, cannot \
-                 be backfilled yet. Restore the table, or start with an empty lake (or a new \
-                 LAKE_URL) to re-snapshot",
+                 be backfilled yet. Restore the table, or rebuild every table with `pipeline \
+                 resnapshot <pipeline.yaml>`",
                 missing.join(", "),
                 if missing.len() == 1 { "has" } else { "have" }
             )))
@@ -227,6 +266,20 @@ pub async fn run(
         )));
     }
     let fresh = match (&slot, lake_has_data) {
+        (slot, _) if resnapshot => {
+            lake.put_marker(RESNAPSHOT_MARKER, format!("slot {slot_name}\n"))
+                .await?;
+            tracing::warn!(slot = %slot_name, lake = %root, slot_exists = slot.is_some(),
+                "resnapshot: dropping the slot and replacing every table with a new snapshot \
+                 (older versions stay readable through Delta time travel until vacuumed)");
+            if slot.is_some() {
+                client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot_name])
+                    .await
+                    .map_err(SourceError::from)?;
+            }
+            true
+        }
         (None, false) => true,
         (Some(_), false) => {
             // Nothing from this slot reached this lake (a first run that stopped during
@@ -243,26 +296,30 @@ pub async fn run(
         (Some(info), true) if info.wal_status.as_deref() == Some("lost") => {
             return Err(RunError::Inconsistent(format!(
                 "replication slot `{slot_name}` was invalidated (wal_status = lost): changes since \
-                 the last run are gone from the WAL, so the lake cannot be caught up. Start with an \
-                 empty lake (or a new LAKE_URL) to re-snapshot"
+                 the last run are gone from the WAL, so the lake cannot be caught up. Rebuild it \
+                 consistently with `pipeline resnapshot <pipeline.yaml>` (raise \
+                 max_slot_wal_keep_size, or keep the pipeline running, to avoid this)"
             )));
         }
         (Some(_), true) => false,
         (None, true) => {
             return Err(RunError::Inconsistent(format!(
                 "the lake at {root} has data but replication slot `{slot_name}` does not exist: \
-                 changes since the last run are lost. Start with an empty lake (or a new LAKE_URL) \
-                 to re-snapshot"
+                 changes since the last run are lost. Rebuild the lake consistently with \
+                 `pipeline resnapshot <pipeline.yaml>`"
             )));
         }
     };
     let skip_through = if fresh {
         let snap = create_slot_with_snapshot(&mut repl, &slot_name, &conn, &schemas).await?;
         summary.snapshot_rows = write_snapshot(&engine, &mut sink, &schemas, &snap).await?;
+        if resnapshot {
+            lake.remove_marker(RESNAPSHOT_MARKER).await?;
+        }
         summary.last_lsn = snap.consistent_lsn;
         tracing::info!(rows = summary.snapshot_rows, elapsed_ms = started.elapsed().as_millis() as u64,
             lsn = %lsn_string(snap.consistent_lsn), "initial snapshot committed to the lake");
-        if opts.once {
+        if opts.once || opts.resnapshot {
             // Everything committed before the start is in the snapshot.
             return Ok(summary);
         }
@@ -305,6 +362,7 @@ pub async fn run(
         None
     };
     let stream = ChangeStream::new(repl, schemas.clone());
+    let batcher_cancel = cancel.child_token();
     let (batch_tx, mut batch_rx) = mpsc::channel::<ChangeBatch>(1);
     let (ack_tx, ack_rx) = watch::channel(skip_through);
     let batcher = tokio::spawn(batch::run(
@@ -318,14 +376,26 @@ pub async fn run(
         },
         batch_tx,
         ack_rx,
-        cancel.clone(),
+        batcher_cancel.clone(),
     ));
     tracing::info!(from = %lsn_string(skip_through), "streaming changes");
 
     let result = async {
-        while let Some(batch) = batch_rx.recv().await {
+        let mut health = tokio::time::interval(SLOT_HEALTH_EVERY);
+        loop {
+            let mut batch = tokio::select! {
+                b = batch_rx.recv() => match b {
+                    Some(b) => b,
+                    None => break,
+                },
+                _ = health.tick() => {
+                    check_slot_health(&client, &slot_name).await?;
+                    continue;
+                }
+            };
             if batch.transactions > 0 {
-                process_batch(&engine, &mut sink, &schemas, &batch).await?;
+                process_batch(&engine, &mut sink, &schemas, &mut batch).await?;
+                crate::fault::crash_point("before_ack");
                 let _ = ack_tx.send(batch.end_lsn);
                 summary.batches += 1;
                 summary.changes += batch.rows;
@@ -344,7 +414,8 @@ pub async fn run(
     }
     .await;
     if result.is_err() {
-        cancel.cancel();
+        // Stops this run's batcher only: the caller's token decides about a restart.
+        batcher_cancel.cancel();
     }
     drop(batch_rx);
     drop(ack_tx);
@@ -356,12 +427,59 @@ pub async fn run(
     Ok(summary)
 }
 
+/// Present in `<lake>/_pipeline/` while a resnapshot is replacing the tables.
+const RESNAPSHOT_MARKER: &str = "resnapshot-in-progress";
+
+/// How often the slot's retained WAL and lag are logged.
+const SLOT_HEALTH_EVERY: Duration = Duration::from_secs(30);
+
+/// Logs the slot's retained WAL and lag; an invalidated slot stops the pipeline loudly.
+async fn check_slot_health(client: &tokio_postgres::Client, slot: &str) -> Result<(), RunError> {
+    let row = client
+        .query_opt(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,
+                    wal_status, safe_wal_size
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(SourceError::from)?;
+    let Some(row) = row else {
+        return Err(RunError::Inconsistent(format!(
+            "replication slot `{slot}` was dropped while the pipeline was streaming"
+        )));
+    };
+    let retained: Option<i64> = row.get(0);
+    let lag: Option<i64> = row.get(1);
+    let status: Option<String> = row.get(2);
+    let safe: Option<i64> = row.get(3);
+    match status.as_deref() {
+        Some("lost") => {
+            return Err(RunError::Inconsistent(format!(
+                "replication slot `{slot}` was invalidated (wal_status = lost): Postgres removed \
+                 WAL it still needed, so changes are missing. Rebuild the lake consistently with \
+                 `pipeline resnapshot <pipeline.yaml>`"
+            )))
+        }
+        Some("unreserved") => {
+            tracing::warn!(slot, retained_wal_bytes = ?retained, lag_bytes = ?lag, safe_wal_size = ?safe,
+                "slot is about to lose WAL (wal_status = unreserved): the lake is falling behind")
+        }
+        _ => tracing::info!(slot, retained_wal_bytes = ?retained, lag_bytes = ?lag,
+            wal_status = ?status, "slot health"),
+    }
+    Ok(())
+}
+
 async fn process_batch(
     engine: &FeatureEngine,
     sink: &mut DeltaSink,
     schemas: &[TableSchema],
-    batch: &ChangeBatch,
+    batch: &mut ChangeBatch,
 ) -> Result<(), RunError> {
+    // Before anything reads the rows: the raw mirror and state get the full image.
+    engine.fill_unchanged_toast(batch)?;
     let features = engine.process(batch).await?;
     let mut writes = Vec::new();
     for (schema, rows) in schemas.iter().zip(&batch.tables) {
@@ -465,6 +583,19 @@ enum LakeProgress {
 }
 
 fn lake_progress(sink: &DeltaSink) -> LakeProgress {
+    let mut snapshots: Vec<u64> = sink
+        .snapshots_by_table()
+        .into_iter()
+        .map(|(_, v)| v)
+        .filter(|v| *v > 0)
+        .collect();
+    snapshots.sort_unstable();
+    snapshots.dedup();
+    if snapshots.len() > 1 {
+        // Tables from two different snapshots: a resnapshot stopped part-way. The old
+        // tables cannot be caught up from the new slot, so the snapshot is taken again.
+        return LakeProgress::InterruptedSnapshot(*snapshots.last().expect("two or more"));
+    }
     let by_table = sink.committed_by_table();
     let missing: Vec<String> = by_table
         .iter()
@@ -499,6 +630,12 @@ async fn rebuild_state(
         let err = |message: String| RunError::Rebuild {
             table: path.clone(),
             message,
+            unreachable: false,
+        };
+        let read_err = |e: datafusion::error::DataFusionError| RunError::Rebuild {
+            table: path.clone(),
+            message: e.to_string(),
+            unreachable: crate::sink::store_unreachable(&e),
         };
         let table = sink.table(&path).ok_or_else(|| err("not open".into()))?;
         let ctx = datafusion::prelude::SessionContext::new();
@@ -508,7 +645,11 @@ async fn rebuild_state(
         let provider = table
             .table_provider()
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| RunError::Rebuild {
+                table: path.clone(),
+                message: e.to_string(),
+                unreachable: crate::sink::store_unreachable(&e),
+            })?;
         ctx.register_table("raw", provider)
             .map_err(|e| err(e.to_string()))?;
         let batches = ctx
@@ -518,10 +659,10 @@ async fn rebuild_state(
                 batch::SEQ
             ))
             .await
-            .map_err(|e| err(e.to_string()))?
+            .map_err(read_err)?
             .collect()
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(read_err)?;
         let want = batch::raw_schema(schema);
         for b in batches {
             let b = conform(&b, &want).map_err(err)?;

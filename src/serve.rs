@@ -1,7 +1,7 @@
 //! Reads of the feature tables: an entity's latest features. Today a CLI command
 //! (`pipeline latest`); the online read API will serve the same query from memory.
 
-use crate::sink::{lake_root, SinkError};
+use crate::sink::{Lake, SinkError};
 use arrow::array::RecordBatch;
 use datafusion::prelude::SessionContext;
 
@@ -15,7 +15,7 @@ pub enum ServeError {
 
 /// Latest row (highest `_lsn`) of each requested entity in `<lake>/features/<table>`.
 pub async fn latest(
-    lake_url: &str,
+    lake: &Lake,
     table: &str,
     key_column: &str,
     keys: &[String],
@@ -24,10 +24,7 @@ pub async fn latest(
         table: table.to_string(),
         message: e.to_string(),
     };
-    let url = lake_root(lake_url)?
-        .join(&format!("features/{table}/"))
-        .map_err(|e| err(&e))?;
-    let t = deltalake::open_table(url).await.map_err(|e| err(&e))?;
+    let t = lake.existing_table(&format!("features/{table}")).await?;
     let ctx = SessionContext::new();
     t.update_datafusion_session(&ctx.state())
         .map_err(|e| err(&e))?;

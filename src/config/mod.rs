@@ -108,8 +108,22 @@ impl BatchConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LakeConfig {
-    /// A local directory (`./lake`, `file:///…`) or an object-store URL.
+    /// A local directory (`./lake`, `file:///…`) or `s3://bucket/prefix`.
     pub url: String,
+    /// Object-store settings passed to delta-rs (`aws_endpoint`, `aws_region`,
+    /// `aws_allow_http`, …). Secrets only through `${VAR}` interpolation; the standard AWS
+    /// environment variables and profile chain apply too.
+    #[serde(default)]
+    pub storage_options: std::collections::BTreeMap<String, String>,
+    /// Checkpoints, compaction and vacuum, run beside the appends.
+    #[serde(default)]
+    pub maintenance: crate::sink::MaintenanceConfig,
+}
+
+impl LakeConfig {
+    pub fn open(&self) -> Result<crate::sink::Lake, crate::sink::SinkError> {
+        crate::sink::Lake::new(&self.url, &self.storage_options)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -255,6 +269,14 @@ impl Pipeline {
             return Err(inv(
                 "source.slot",
                 "replication slot names must be lower case".into(),
+            ));
+        }
+        if config.lake.maintenance.vacuum_retention_hours < 1 {
+            // Vacuum deletes unreferenced files older than this; a shorter window could
+            // delete the Parquet files of an append that has not committed yet.
+            return Err(inv(
+                "lake.maintenance.vacuum_retention_hours",
+                "must be at least 1".into(),
             ));
         }
         if config.source.tables.is_empty() {

@@ -189,6 +189,23 @@ impl FeatureEngine {
         Ok(out)
     }
 
+    /// Replaces the unchanged-TOAST placeholders of `batch` by the values the rows had
+    /// before it, from state (pgoutput sends no value for a TOASTed column an update did
+    /// not change). Call before [`FeatureEngine::process`] and before writing the batch.
+    pub fn fill_unchanged_toast(&self, batch: &mut ChangeBatch) -> Result<(), FeatureError> {
+        for (t, cells) in batch.unchanged_toast.iter_mut().enumerate() {
+            if cells.is_empty() {
+                continue;
+            }
+            if let Some(rows) = &batch.tables[t] {
+                let filled = self.tables[t].read().unwrap().fill_unchanged(rows, cells)?;
+                batch.tables[t] = Some(filled);
+            }
+            cells.clear();
+        }
+        Ok(())
+    }
+
     /// Applies `batch` to state and recomputes features for the entities it touched.
     pub async fn process(&self, batch: &ChangeBatch) -> Result<Vec<FeatureRows>, FeatureError> {
         let changed = touched::changed_keys(&self.tables, batch);

@@ -11,7 +11,11 @@ use deltalake::DeltaTable;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
-use url::Url;
+
+mod lake;
+mod maintain;
+pub use lake::Lake;
+pub use maintain::{maintain_table, Maintainer, MaintenanceConfig, MaintenanceReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -26,6 +30,57 @@ pub enum SinkError {
     Schema { table: String, message: String },
     #[error("delta table {0} is not open in this sink")]
     Unknown(String),
+    #[error("no Delta table at {0}")]
+    Missing(String),
+    #[error("lake object {path}: {source}")]
+    Store {
+        path: String,
+        source: deltalake::ObjectStoreError,
+    },
+}
+
+impl SinkError {
+    /// Errors a retry may cure: the object store unreachable or failing, a commit race.
+    /// Schema, URL and data errors are not.
+    pub fn is_transient(&self) -> bool {
+        use deltalake::DeltaTableError as E;
+        match self {
+            SinkError::Delta { source, .. } => matches!(
+                source,
+                E::ObjectStore { .. }
+                    | E::Io { .. }
+                    | E::Transaction { .. }
+                    | E::VersionAlreadyExists(_)
+                    | E::KernelError(_)
+                    | E::Kernel { .. }
+                    | E::Generic(_)
+                    | E::GenericError { .. }
+            ),
+            SinkError::Store { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Whether `error`, or an error it wraps, is the object store failing to answer
+/// (connection refused or reset, timeouts, 5xx after the client's own retries): the lake
+/// may be back later. A missing object or a refused credential is not.
+pub fn store_unreachable(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(store) = e.downcast_ref::<deltalake::ObjectStoreError>() {
+            return matches!(
+                store,
+                deltalake::ObjectStoreError::Generic { .. }
+                    | deltalake::ObjectStoreError::JoinError { .. }
+            );
+        }
+        if e.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 struct SinkTable {
@@ -34,72 +89,55 @@ struct SinkTable {
     schema: SchemaRef,
     /// Highest txn version committed by this pipeline (0 = none).
     committed: u64,
+    /// Version of the (re)snapshot the table holds (0 = none): see `snapshot_app_id`.
+    snapshot: u64,
+}
+
+/// A snapshot commit carries a second txn action, under this app id, with the snapshot's
+/// LSN. Tables that disagree on it betray a (re)snapshot interrupted part-way, which
+/// the versions alone cannot tell from tables that simply had no changes for a while.
+fn snapshot_app_id(app_id: &str) -> String {
+    format!("{app_id}/snapshot")
 }
 
 pub struct DeltaSink {
-    root: Url,
+    lake: Lake,
     app_id: String,
     tables: BTreeMap<String, SinkTable>,
-}
-
-/// `./lake`, `/abs/lake`, `file:///…` or an object-store URL, as a directory URL.
-pub fn lake_root(url: &str) -> Result<Url, SinkError> {
-    let err = |message: String| SinkError::Url {
-        url: url.to_string(),
-        message,
-    };
-    let parsed = match Url::parse(url) {
-        Ok(u) if u.scheme().len() > 1 => u,
-        _ => {
-            let path = std::path::Path::new(url);
-            std::fs::create_dir_all(path)
-                .map_err(|e| err(format!("cannot create directory: {e}")))?;
-            let abs = path
-                .canonicalize()
-                .map_err(|e| err(format!("cannot resolve directory: {e}")))?;
-            Url::from_directory_path(&abs).map_err(|_| err("not an absolute path".into()))?
-        }
-    };
-    let mut u = parsed;
-    if !u.path().ends_with('/') {
-        u.set_path(&format!("{}/", u.path()));
-    }
-    Ok(u)
+    /// Told about every commit; checkpoints and compacts in the background.
+    maintainer: Option<Maintainer>,
 }
 
 impl DeltaSink {
     /// Opens (creating when missing) every table at `<root>/<path>` with its schema.
     pub async fn open(
-        root: Url,
+        lake: Lake,
         app_id: String,
         specs: Vec<(String, SchemaRef)>,
     ) -> Result<DeltaSink, SinkError> {
         let mut tables = BTreeMap::new();
         for (path, schema) in specs {
-            let url = root.join(&format!("{path}/")).map_err(|e| SinkError::Url {
-                url: root.to_string(),
-                message: e.to_string(),
-            })?;
-            if url.scheme() == "file" {
-                if let Ok(p) = url.to_file_path() {
-                    let _ = std::fs::create_dir_all(p);
-                }
-            }
             let derr = |source| SinkError::Delta {
                 table: path.clone(),
                 source,
             };
-            let mut table = DeltaTable::try_from_url(url).await.map_err(derr)?;
-            let committed = if table.version().is_some() {
+            let mut table = lake.table(&path).await?;
+            let (committed, snapshot) = if table.version().is_some() {
                 check_schema(&path, &table, &schema)?;
                 let log_store = table.log_store();
-                let v = table
-                    .snapshot()
-                    .map_err(derr)?
-                    .transaction_version(log_store.as_ref(), &app_id)
-                    .await
-                    .map_err(derr)?;
-                v.unwrap_or(0).max(0) as u64
+                let state = table.snapshot().map_err(derr)?;
+                let mut versions = [0u64; 2];
+                for (v, app) in versions
+                    .iter_mut()
+                    .zip([app_id.clone(), snapshot_app_id(&app_id)])
+                {
+                    let txn = state
+                        .transaction_version(log_store.as_ref(), &app)
+                        .await
+                        .map_err(derr)?;
+                    *v = txn.unwrap_or(0).max(0) as u64;
+                }
+                (versions[0], versions[1])
             } else {
                 // Create it with an empty commit so readers always find the table.
                 table = table
@@ -107,7 +145,7 @@ impl DeltaSink {
                     .with_save_mode(SaveMode::Append)
                     .await
                     .map_err(derr)?;
-                0
+                (0, 0)
             };
             tables.insert(
                 path,
@@ -115,18 +153,27 @@ impl DeltaSink {
                     table: Some(table),
                     schema,
                     committed,
+                    snapshot,
                 },
             );
         }
         Ok(DeltaSink {
-            root,
+            lake,
             app_id,
             tables,
+            maintainer: None,
         })
     }
 
-    pub fn root(&self) -> &Url {
-        &self.root
+    /// Hands every later commit to `maintainer`, which then owns checkpoints (commits
+    /// stop writing them inline, which would add to the latency of every 100th batch).
+    pub fn with_maintainer(mut self, maintainer: Maintainer) -> DeltaSink {
+        self.maintainer = Some(maintainer);
+        self
+    }
+
+    pub fn lake(&self) -> &Lake {
+        &self.lake
     }
 
     /// The highest batch version committed to `path` (0 when none).
@@ -154,6 +201,14 @@ impl DeltaSink {
         self.tables
             .iter()
             .map(|(p, t)| (p.clone(), t.committed))
+            .collect()
+    }
+
+    /// The snapshot version of every table, by path (0 = holds no snapshot).
+    pub fn snapshots_by_table(&self) -> Vec<(String, u64)> {
+        self.tables
+            .iter()
+            .map(|(p, t)| (p.clone(), t.snapshot))
             .collect()
     }
 
@@ -212,11 +267,17 @@ impl DeltaSink {
             }
             let table = entry.table.take().expect("no concurrent commit");
             let app_id = self.app_id.clone();
+            let mut txns = vec![Transaction::new(&app_id, version as i64)];
+            if matches!(mode, SaveMode::Overwrite) {
+                txns.push(Transaction::new(snapshot_app_id(&app_id), version as i64));
+            }
+            let inline_checkpoints = self.maintainer.is_none();
             jobs.push(async move {
                 let started = Instant::now();
                 let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
                 let props = CommitProperties::default()
-                    .with_application_transaction(Transaction::new(&app_id, version as i64));
+                    .with_application_transactions(txns)
+                    .with_create_checkpoint(inline_checkpoints);
                 let backup = table.clone();
                 let result = table
                     .write(batches)
@@ -229,17 +290,44 @@ impl DeltaSink {
                             elapsed_ms = started.elapsed().as_millis() as u64, "delta commit");
                         (path, Ok(t))
                     }
-                    Err(e) => (path, Err((backup, e))),
+                    Err(e) => match committed_version(backup, &app_id).await {
+                        // The commit landed but its reply was lost (or a retry raced it):
+                        // the table's txn version says this batch is in, exactly once.
+                        Ok((t, v)) if v >= version => {
+                            tracing::warn!(table = %path, version, error = %e,
+                                "commit reported an error but the table holds this batch: treating it as committed");
+                            (path, Ok(t))
+                        }
+                        Ok((t, _)) => (path, Err((t, e))),
+                        Err((t, _)) => (path, Err((t, e))),
+                    },
                 }
             });
         }
         let mut first_error = None;
-        for (path, result) in futures::future::join_all(jobs).await {
+        let results = if matches!(mode, SaveMode::Overwrite) {
+            // The snapshot: one table at a time, so only one table's Parquet encoding is
+            // in memory at once (the full dump's tables are large; a streamed batch is not).
+            let mut results = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                results.push(job.await);
+            }
+            results
+        } else {
+            futures::future::join_all(jobs).await
+        };
+        for (path, result) in results {
             let entry = self.tables.get_mut(&path).expect("known table");
             match result {
                 Ok(t) => {
                     entry.table = Some(t);
                     entry.committed = version;
+                    if matches!(mode, SaveMode::Overwrite) {
+                        entry.snapshot = version;
+                    }
+                    if let Some(m) = &self.maintainer {
+                        m.committed(&path);
+                    }
                 }
                 Err((backup, source)) => {
                     entry.table = Some(backup);
@@ -251,6 +339,30 @@ impl DeltaSink {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Reloads `table` and returns it with the txn version it holds for `app_id` (0 = none);
+/// on a read error, the table as it was.
+async fn committed_version(
+    mut table: DeltaTable,
+    app_id: &str,
+) -> Result<(DeltaTable, u64), (DeltaTable, deltalake::DeltaTableError)> {
+    let before = table.clone();
+    if let Err(e) = table.update_state().await {
+        return Err((before, e));
+    }
+    let version = match table.snapshot() {
+        Ok(snapshot) => {
+            snapshot
+                .transaction_version(table.log_store().as_ref(), app_id)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    match version {
+        Ok(v) => Ok((table, v.unwrap_or(0).max(0) as u64)),
+        Err(e) => Err((before, e)),
     }
 }
 

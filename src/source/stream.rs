@@ -51,6 +51,8 @@ pub enum SourceEvent {
     },
     /// Our own fence message: everything committed before it has been delivered.
     Fence { token: String },
+    /// A server keepalive: every transaction committed before `wal_end` has been sent.
+    Heartbeat { wal_end: u64 },
 }
 
 struct RelationMap {
@@ -147,9 +149,12 @@ impl ChangeStream {
                 token: String::from_utf8_lossy(&content).into_owned(),
             }),
             ReplicationEvent::XLogData { data, .. } => self.decode(&data)?,
-            ReplicationEvent::KeepAlive { .. }
-            | ReplicationEvent::Message { .. }
-            | ReplicationEvent::StoppedAt { .. } => {}
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                self.queued.push_back(SourceEvent::Heartbeat {
+                    wal_end: wal_end.as_u64(),
+                })
+            }
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
         }
         Ok(())
     }

@@ -184,6 +184,96 @@ impl StateTable {
         }
     }
 
+    /// `batch` (raw changes, in order) with its unchanged-TOAST placeholder cells
+    /// (`(row, column)`, sorted by row) filled with the value the row had before: from an
+    /// earlier change of the same key in this batch, else from state. Called before the
+    /// batch is applied. A placeholder with no earlier image (the row is unknown, or its
+    /// key changed in the same update) stays NULL, and a warning says so.
+    pub fn fill_unchanged(
+        &self,
+        batch: &RecordBatch,
+        cells: &[(usize, usize)],
+    ) -> Result<RecordBatch, StateError> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Source {
+            Batch(usize),
+            State(usize),
+            Missing,
+        }
+        let keys = self.batch_keys(batch);
+        let ops = batch
+            .schema()
+            .index_of(OP)
+            .ok()
+            .map(|i| batch.column(i).as_string::<i32>().clone());
+        let mut latest: HashMap<&Key, usize> = HashMap::new();
+        let mut resolved: HashMap<(usize, usize), Source> = HashMap::new();
+        let mut from_state: Vec<&OwnedRow> = Vec::new();
+        let mut state_index: HashMap<&Key, usize> = HashMap::new();
+        let mut missing = 0usize;
+        let mut next = cells.iter().peekable();
+        for (i, pk) in keys.iter().enumerate() {
+            while let Some(&&(row, col)) = next.peek() {
+                if row != i {
+                    break;
+                }
+                next.next();
+                let source = match latest.get(pk) {
+                    Some(&k) => resolved.get(&(k, col)).copied().unwrap_or(Source::Batch(k)),
+                    None => match self.rows.get(pk) {
+                        Some(stored) => {
+                            let j = *state_index.entry(pk).or_insert_with(|| {
+                                from_state.push(&stored.row);
+                                from_state.len() - 1
+                            });
+                            Source::State(j)
+                        }
+                        None => Source::Missing,
+                    },
+                };
+                missing += usize::from(source == Source::Missing);
+                resolved.insert((row, col), source);
+            }
+            match ops.as_ref().map(|o| o.value(i)).unwrap_or("insert") {
+                "delete" => {
+                    latest.remove(pk);
+                }
+                "truncate" => latest.clear(),
+                _ => {
+                    latest.insert(pk, i);
+                }
+            }
+        }
+        if missing > 0 {
+            tracing::warn!(table = %self.name, cells = missing,
+                "unchanged TOAST values of rows with no earlier image in state: stored as NULL");
+        }
+        let err = |source| StateError::Arrow {
+            table: self.name.clone(),
+            source,
+        };
+        let old = self
+            .converter
+            .convert_rows(from_state.iter().map(|r| r.row()))
+            .map_err(err)?;
+        let mut columns = batch.columns().to_vec();
+        let mut by_column: Vec<usize> = cells.iter().map(|&(_, c)| c).collect();
+        by_column.sort_unstable();
+        by_column.dedup();
+        for c in by_column {
+            let indices: Vec<(usize, usize)> = (0..batch.num_rows())
+                .map(|i| match resolved.get(&(i, c)) {
+                    Some(Source::Batch(k)) => (0, *k),
+                    Some(Source::State(j)) => (1, *j),
+                    Some(Source::Missing) | None => (0, i),
+                })
+                .collect();
+            columns[c] =
+                arrow::compute::interleave(&[&columns[c], &old[c]], &indices).map_err(err)?;
+        }
+        RecordBatch::try_new(batch.schema(), columns).map_err(err)
+    }
+
     /// The rows with the given primary keys (missing keys are skipped), or every row.
     pub fn scan(&self, keys: Option<&HashSet<Key>>) -> Result<RecordBatch, StateError> {
         let arrays = match keys {
@@ -269,5 +359,33 @@ mod tests {
         );
         t.apply(&changes(&[0], &[None], &["truncate"])).unwrap();
         assert!(t.is_empty() && t.lookup(0, &Key::Int(20)).is_empty());
+    }
+
+    #[test]
+    fn unchanged_toast_cells_take_the_previous_image() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int32, false),
+            Field::new("client_id", DataType::Int32, true),
+        ]));
+        let mut t = StateTable::new("loan", schema, vec![0], vec![]).unwrap();
+        t.apply(&changes(&[1, 2], &[Some(10), Some(20)], &["insert"; 2]))
+            .unwrap();
+        // Row 0: key 1 from state; row 1: key 5 inserted in this batch; row 2: key 5's
+        // cell from row 1; row 3: key 9 unknown (stays NULL); row 4: key 1 again, whose
+        // previous image is row 0 (itself filled from state).
+        let batch = changes(
+            &[1, 5, 5, 9, 1],
+            &[None, Some(50), None, None, None],
+            &["update", "insert", "update", "update", "update"],
+        );
+        let filled = t
+            .fill_unchanged(&batch, &[(0, 1), (2, 1), (3, 1), (4, 1)])
+            .unwrap();
+        let owners = filled
+            .column(1)
+            .as_primitive::<arrow::datatypes::Int32Type>();
+        let got: Vec<Option<i32>> = owners.iter().collect();
+        assert_eq!(got, vec![Some(10), Some(50), Some(50), None, Some(10)]);
+        assert_eq!(filled.num_columns(), batch.num_columns());
     }
 }

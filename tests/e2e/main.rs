@@ -2,6 +2,9 @@
 //! One test binary (each links the whole dependency tree).
 
 mod faults;
+mod maintain;
+mod s3;
+mod source_faults;
 mod support;
 
 use std::process::Command;
@@ -240,7 +243,7 @@ async fn restart_resumes_from_the_slot_without_loss_duplicates_or_resnapshot() {
     assert_eq!(total, distinct);
 
     // Lake deleted to start over: the stale slot is replaced and a new snapshot taken.
-    std::fs::remove_dir_all(&p.lake).unwrap();
+    std::fs::remove_dir_all(p.dir.join("lake")).unwrap();
     let (handle, _) = spawn_pipeline(p.load(), true);
     let s = handle.await.unwrap().unwrap();
     assert_eq!(
@@ -468,10 +471,9 @@ async fn types_decode_to_arrow_in_snapshot_and_stream() {
         )
         .await
         .unwrap();
-    let raw = p.lake.join("raw/typed");
     let mut rows = Vec::new();
     for _ in 0..200 {
-        rows = try_read_delta(&raw, "SELECT * FROM t ORDER BY _lsn, _seq")
+        rows = try_read_delta(&p.lake, "raw/typed", "SELECT * FROM t ORDER BY _lsn, _seq")
             .await
             .unwrap_or_default();
         if rows.iter().map(|b| b.num_rows()).sum::<usize>() == 4 {
@@ -550,7 +552,7 @@ async fn lost_replication_connection_is_restarted_without_loss() {
     let cancel = tokio_util::sync::CancellationToken::new();
     let (pl, c) = (p.load(), cancel.clone());
     let handle = tokio::spawn(async move {
-        pipeline::runner::run_supervised(&pl, pipeline::runner::RunOptions { once: false }, c).await
+        pipeline::runner::run_supervised(&pl, pipeline::runner::RunOptions::default(), c).await
     });
     wait_slot_active(&client, &p.slot).await;
     client
@@ -583,5 +585,86 @@ async fn lost_replication_connection_is_restarted_without_loss() {
     let (total, distinct) = raw_counts(&p.lake, "loan").await;
     assert_eq!(total, distinct, "duplicates in raw/loan");
     assert_eq!(total, loans_at_start + 20 + 10 + 10);
+    drop_slot(&client, &p.slot).await;
+}
+
+/// An update that leaves a TOASTed column alone: pgoutput sends no value for it ('u'),
+/// and the raw mirror must still hold the full value (from the snapshot's state, from an
+/// earlier streamed change, and from an earlier change in the same transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_values_are_filled_from_state_not_nulled() {
+    use arrow::array::AsArray;
+    let (info, client) = seeded_db("pt_toast", 50).await;
+    // EXTERNAL: values over ~2 kB are stored out of line, uncompressed, so they are TOASTed.
+    client
+        .batch_execute(
+            r#"ALTER TABLE "user" ALTER COLUMN first_name SET STORAGE EXTERNAL;
+               UPDATE "user" SET first_name = repeat('s', 9000) WHERE id = 1;"#,
+        )
+        .await
+        .unwrap();
+    let p = pipeline_file(&info, "toast", Some(AS_OF));
+    let (handle, cancel) = spawn_pipeline(p.load(), false);
+    wait_slot_active(&client, &p.slot).await;
+    client
+        .batch_execute(
+            r#"UPDATE "user" SET last_name = 'one' WHERE id = 1;
+               UPDATE "user" SET first_name = repeat('t', 9000), last_name = 'zero' WHERE id = 2;
+               UPDATE "user" SET last_name = 'two' WHERE id = 2;
+               BEGIN;
+               UPDATE "user" SET first_name = repeat('u', 9000), last_name = 'a' WHERE id = 3;
+               UPDATE "user" SET last_name = 'b' WHERE id = 3;
+               UPDATE "user" SET last_name = 'c' WHERE id = 3;
+               UPDATE "user" SET last_name = 'three' WHERE id = 1;
+               COMMIT;"#,
+        )
+        .await
+        .unwrap();
+    let sql = "SELECT id, first_name, last_name FROM t WHERE _op = 'update' ORDER BY _lsn, _seq";
+    let mut rows = Vec::new();
+    for _ in 0..200 {
+        rows = try_read_delta(&p.lake, "raw/user", sql)
+            .await
+            .unwrap_or_default();
+        if rows.iter().map(|b| b.num_rows()).sum::<usize>() >= 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+    let b = arrow::compute::concat_batches(&rows[0].schema(), &rows).unwrap();
+    let text = |c: usize, r: usize| {
+        let a = arrow::compute::cast(b.column(c), &arrow::datatypes::DataType::Utf8).unwrap();
+        let a = a.as_string::<i32>();
+        (!arrow::array::Array::is_null(&a, r)).then(|| a.value(r).to_string())
+    };
+    let got: Vec<(String, Option<String>, Option<String>)> = (0..b.num_rows())
+        .map(|r| (text(0, r).unwrap(), text(1, r), text(2, r)))
+        .collect();
+    let long = |c: &str| Some(c.repeat(9000));
+    let want = vec![
+        ("1".to_string(), long("s"), Some("one".to_string())),
+        ("2".into(), long("t"), Some("zero".into())),
+        ("2".into(), long("t"), Some("two".into())),
+        ("3".into(), long("u"), Some("a".into())),
+        ("3".into(), long("u"), Some("b".into())),
+        ("3".into(), long("u"), Some("c".into())),
+        ("1".into(), long("s"), Some("three".into())),
+    ];
+    // Compare lengths and first chars, not 9 kB strings, in the failure message.
+    let short = |v: &[(String, Option<String>, Option<String>)]| -> Vec<String> {
+        v.iter()
+            .map(|(i, f, l)| {
+                let f = f
+                    .as_ref()
+                    .map(|f| format!("{}x{}", &f[..1], f.len()))
+                    .unwrap_or("NULL".into());
+                format!("{i}: {f} {l:?}")
+            })
+            .collect()
+    };
+    assert_eq!(short(&got), short(&want));
+    assert_eq!(got, want);
     drop_slot(&client, &p.slot).await;
 }

@@ -4,9 +4,10 @@
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int32Type, Int64Type};
 use pipeline::config::Pipeline;
+use pipeline::sink::Lake;
 use pipeline::source::ConnInfo;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub const AS_OF: &str = "2020-08-23";
@@ -33,7 +34,16 @@ pub async fn fresh_db(db: &str) -> (ConnInfo, tokio_postgres::Client) {
 }
 
 pub async fn seeded_db(db: &str, users: usize) -> (ConnInfo, tokio_postgres::Client) {
-    let info = ConnInfo::parse(&format!("{}/{db}", pg_base())).unwrap();
+    seeded_db_at(&pg_base(), db, users).await
+}
+
+/// As `seeded_db`, on the server at `base` (`postgres://user@host:port`).
+pub async fn seeded_db_at(
+    base: &str,
+    db: &str,
+    users: usize,
+) -> (ConnInfo, tokio_postgres::Client) {
+    let info = ConnInfo::parse(&format!("{base}/{db}")).unwrap();
     pipeline::db::seed(
         &info,
         &pipeline::db::SeedOptions {
@@ -49,33 +59,55 @@ pub async fn seeded_db(db: &str, users: usize) -> (ConnInfo, tokio_postgres::Cli
 }
 
 pub struct TestPipeline {
-    /// Keeps the lake and pipeline file alive for the test.
-    pub _dir: tempfile::TempDir,
+    /// Keeps the pipeline file (and a local lake) alive for the test.
+    _tmp: tempfile::TempDir,
+    /// The temporary directory holding the pipeline file; a local lake is `<dir>/lake`.
+    pub dir: PathBuf,
     pub file: PathBuf,
-    pub lake: PathBuf,
+    pub lake: Lake,
     pub slot: String,
 }
 
-/// Writes a pipeline file for database `info` with its own slot, publication and lake.
+/// Writes a pipeline file for database `info` with its own slot, publication and a lake
+/// in a temporary directory.
 pub fn pipeline_file(info: &ConnInfo, name: &str, as_of: Option<&str>) -> TestPipeline {
-    let dir = tempfile::tempdir().unwrap();
-    let lake = dir.path().join("lake");
+    pipeline_file_with_lake(info, name, as_of, None)
+}
+
+/// As `pipeline_file`, with the lake at `lake` (url, storage options) when given.
+pub fn pipeline_file_with_lake(
+    info: &ConnInfo,
+    name: &str,
+    as_of: Option<&str>,
+    lake: Option<(String, BTreeMap<String, String>)>,
+) -> TestPipeline {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let (url, options) =
+        lake.unwrap_or_else(|| (dir.join("lake").display().to_string(), BTreeMap::new()));
+    let mut lake_yaml = format!("lake:\n  url: {url}\n");
+    if !options.is_empty() {
+        lake_yaml.push_str("  storage_options:\n");
+        for (k, v) in &options {
+            lake_yaml.push_str(&format!("    {k}: \"{v}\"\n"));
+        }
+    }
     let features = repo().join("feature_defs/client_features.yaml");
     let slot = format!("t_{name}");
     let yaml = format!(
         "name: {name}\nsource:\n  url: {}\n  publication: p_{name}\n  slot: {slot}\n  tables: [user, loan, payment]\n\
-         batch:\n  interval_ms: 200\n  max_rows: 100000\nlake:\n  url: {}\nfeatures:\n  - {}\nclock:\n  as_of: {}\n",
+         batch:\n  interval_ms: 200\n  max_rows: 100000\n{lake_yaml}features:\n  - {}\nclock:\n  as_of: {}\n",
         info.url,
-        lake.display(),
         features.display(),
         as_of.unwrap_or("")
     );
-    let file = dir.path().join("pipeline.yaml");
+    let file = dir.join("pipeline.yaml");
     std::fs::write(&file, yaml).unwrap();
     TestPipeline {
-        _dir: dir,
+        _tmp: tmp,
+        lake: Lake::new(&url, &options).unwrap(),
+        dir,
         file,
-        lake,
         slot,
     }
 }
@@ -86,17 +118,16 @@ impl TestPipeline {
     }
 }
 
-/// Runs `sql_over_t` over the Delta table at `path` (registered as `t`).
-pub async fn read_delta(path: &Path, sql_over_t: &str) -> Vec<RecordBatch> {
-    try_read_delta(path, sql_over_t)
+/// Runs `sql_over_t` over the Delta table `<lake>/<path>` (registered as `t`).
+pub async fn read_delta(lake: &Lake, path: &str, sql_over_t: &str) -> Vec<RecordBatch> {
+    try_read_delta(lake, path, sql_over_t)
         .await
-        .unwrap_or_else(|| panic!("no Delta table at {}", path.display()))
+        .unwrap_or_else(|| panic!("no Delta table at {}{path}", lake.root()))
 }
 
 /// As `read_delta`, or None while the table does not exist yet.
-pub async fn try_read_delta(path: &Path, sql_over_t: &str) -> Option<Vec<RecordBatch>> {
-    let url = url::Url::from_directory_path(path.canonicalize().ok()?).unwrap();
-    let table = deltalake::open_table(url).await.ok()?;
+pub async fn try_read_delta(lake: &Lake, path: &str, sql_over_t: &str) -> Option<Vec<RecordBatch>> {
+    let table = lake.existing_table(path).await.ok()?;
     let ctx = datafusion::prelude::SessionContext::new();
     table.update_datafusion_session(&ctx.state()).unwrap();
     ctx.register_table("t", table.table_provider().await.unwrap())
@@ -132,9 +163,10 @@ impl Features {
 
 /// Latest feature row per client (highest `_lsn`), deleted clients left out; empty
 /// while the table does not exist.
-pub async fn latest_features(lake: &Path) -> BTreeMap<i64, Features> {
+pub async fn latest_features(lake: &Lake) -> BTreeMap<i64, Features> {
     let batches = try_read_delta(
-        &lake.join("features/client_features"),
+        lake,
+        "features/client_features",
         "SELECT client_id, paid_loans_count, days_since_last_late_payment, profit_in_last_90_days_rate, _deleted
            FROM (SELECT *, row_number() OVER (PARTITION BY client_id ORDER BY _lsn DESC, computed_at DESC) AS rn FROM t)
           WHERE rn = 1",
@@ -246,7 +278,7 @@ pub fn diff(
 
 /// Polls until the lake's latest features equal the oracle, or fails with the diff.
 pub async fn wait_until_oracle_matches(
-    lake: &Path,
+    lake: &Lake,
     client: &tokio_postgres::Client,
     as_of: &str,
     timeout: Duration,
@@ -280,7 +312,15 @@ pub fn spawn_pipeline(
     let cancel = tokio_util::sync::CancellationToken::new();
     let c = cancel.clone();
     let handle = tokio::spawn(async move {
-        pipeline::runner::run(&p, pipeline::runner::RunOptions { once }, c).await
+        pipeline::runner::run(
+            &p,
+            pipeline::runner::RunOptions {
+                once,
+                ..Default::default()
+            },
+            c,
+        )
+        .await
     });
     (handle, cancel)
 }
@@ -307,9 +347,10 @@ pub async fn wait_slot_active(client: &tokio_postgres::Client, slot: &str) {
 }
 
 /// Count of rows in a raw mirror table, and of distinct (_lsn, _seq, id).
-pub async fn raw_counts(lake: &Path, table: &str) -> (i64, i64) {
+pub async fn raw_counts(lake: &Lake, table: &str) -> (i64, i64) {
     let b = read_delta(
-        &lake.join(format!("raw/{table}")),
+        lake,
+        &format!("raw/{table}"),
         "SELECT count(*), count(DISTINCT (_lsn, _seq, id)) FROM t",
     )
     .await;

@@ -1,0 +1,239 @@
+//! Where the lake lives: a local directory or an object-store URL (`s3://bucket/prefix`),
+//! plus the storage options handed to delta-rs. Every table the pipeline or a reader opens
+//! goes through here, so local and S3 lakes share one code path.
+
+use super::SinkError;
+use deltalake::logstore::object_store::ObjectStoreExt;
+use deltalake::logstore::{object_store_factories, ObjectStoreRef, StorageConfig};
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Once};
+use url::Url;
+
+#[derive(Clone)]
+pub struct Lake {
+    root: Url,
+    /// Passed to delta-rs/object_store as is; may hold secrets, so never logged.
+    options: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Lake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&String> = self.options.keys().collect();
+        f.debug_struct("Lake")
+            .field("root", &self.root.as_str())
+            .field("option_keys", &keys)
+            .finish()
+    }
+}
+
+/// Object-store schemes this build can write to.
+const SCHEMES: &[&str] = &["file", "s3", "s3a"];
+
+fn register_object_stores() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| deltalake::aws::register_handlers(None));
+}
+
+impl Lake {
+    /// `./lake`, `/abs/lake`, `file:///…`, or `s3://bucket/prefix`, with storage options
+    /// (e.g. `aws_endpoint`, `aws_allow_http`); credentials also come from the standard
+    /// AWS environment variables and profile chain.
+    pub fn new(url: &str, options: &BTreeMap<String, String>) -> Result<Lake, SinkError> {
+        register_object_stores();
+        let root = lake_root(url)?;
+        if !SCHEMES.contains(&root.scheme()) {
+            return Err(SinkError::Url {
+                url: url.to_string(),
+                message: format!(
+                    "unsupported scheme `{}`: use a local directory, file:// or s3://",
+                    root.scheme()
+                ),
+            });
+        }
+        // Empty values mean "not set", so `key: ${VAR:-}` can leave a setting to the AWS chain.
+        let options = options
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect();
+        Ok(Lake { root, options })
+    }
+
+    pub fn root(&self) -> &Url {
+        &self.root
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.root.scheme() == "file"
+    }
+
+    /// `<root>/<path>/`.
+    pub fn table_url(&self, path: &str) -> Result<Url, SinkError> {
+        self.root
+            .join(&format!("{path}/"))
+            .map_err(|e| SinkError::Url {
+                url: self.root.to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    /// The table at `path`, loaded if it exists, otherwise uninitialised (version None).
+    pub async fn table(&self, path: &str) -> Result<DeltaTable, SinkError> {
+        let url = self.table_url(path)?;
+        if self.is_local() {
+            if let Ok(p) = url.to_file_path() {
+                let _ = std::fs::create_dir_all(p);
+            }
+        }
+        let derr = |source| SinkError::Delta {
+            table: path.to_string(),
+            source,
+        };
+        let builder = DeltaTableBuilder::from_url(url.clone())
+            .map_err(derr)?
+            .with_storage_options(self.options.clone());
+        let builder = if crate::fault::enabled() {
+            let store = self.root_store(&url).map_err(derr)?;
+            builder.with_storage_backend(Arc::new(crate::fault::FaultyStore::new(store)), url)
+        } else {
+            builder
+        };
+        let mut table = builder.build().map_err(derr)?;
+        match table.load().await {
+            // A table not created yet: returned uninitialised, for the caller to create.
+            Ok(()) | Err(DeltaTableError::NotATable(_)) => Ok(table),
+            Err(e) => Err(derr(e)),
+        }
+    }
+
+    /// The object store at the root of `url`'s bucket (or filesystem), as delta-rs
+    /// builds it from the storage options.
+    fn root_store(&self, url: &Url) -> Result<ObjectStoreRef, DeltaTableError> {
+        let scheme = Url::parse(&format!("{}://", url.scheme())).expect("a scheme is a URL");
+        let config = StorageConfig::parse_options(self.options.clone())?;
+        let factory = object_store_factories()
+            .get(&scheme)
+            .map(|f| f.value().clone())
+            .ok_or_else(|| DeltaTableError::InvalidTableLocation(url.to_string()))?;
+        Ok(factory.parse_url_opts(url, &config)?.0)
+    }
+
+    /// The existing table at `path`, or an error saying it is missing.
+    pub async fn existing_table(&self, path: &str) -> Result<DeltaTable, SinkError> {
+        let table = self.table(path).await?;
+        if table.version().is_none() {
+            return Err(SinkError::Missing(format!("{}{path}", self.root)));
+        }
+        Ok(table)
+    }
+}
+
+impl Lake {
+    /// The pipeline's own small files beside the tables: `<root>/_pipeline/<name>`.
+    fn marker(
+        &self,
+        name: &str,
+    ) -> Result<(deltalake::logstore::ObjectStoreRef, deltalake::Path), SinkError> {
+        let store =
+            deltalake::logstore::store_for(&self.root, self.options.clone()).map_err(|source| {
+                SinkError::Delta {
+                    table: "_pipeline".into(),
+                    source,
+                }
+            })?;
+        Ok((store, deltalake::Path::from(format!("_pipeline/{name}"))))
+    }
+
+    /// Writes the marker `name` (durably, before returning).
+    pub async fn put_marker(&self, name: &str, body: String) -> Result<(), SinkError> {
+        let (store, path) = self.marker(name)?;
+        store
+            .put(&path, body.into())
+            .await
+            .map(|_| ())
+            .map_err(|source| SinkError::Store {
+                path: path.to_string(),
+                source,
+            })
+    }
+
+    pub async fn has_marker(&self, name: &str) -> Result<bool, SinkError> {
+        let (store, path) = self.marker(name)?;
+        match store.head(&path).await {
+            Ok(_) => Ok(true),
+            Err(deltalake::ObjectStoreError::NotFound { .. }) => Ok(false),
+            Err(source) => Err(SinkError::Store {
+                path: path.to_string(),
+                source,
+            }),
+        }
+    }
+
+    pub async fn remove_marker(&self, name: &str) -> Result<(), SinkError> {
+        let (store, path) = self.marker(name)?;
+        match store.delete(&path).await {
+            Ok(()) | Err(deltalake::ObjectStoreError::NotFound { .. }) => Ok(()),
+            Err(source) => Err(SinkError::Store {
+                path: path.to_string(),
+                source,
+            }),
+        }
+    }
+}
+
+/// `./lake`, `/abs/lake`, `file:///…` or an object-store URL, as a directory URL.
+fn lake_root(url: &str) -> Result<Url, SinkError> {
+    let err = |message: String| SinkError::Url {
+        url: url.to_string(),
+        message,
+    };
+    let parsed = match Url::parse(url) {
+        Ok(u) if u.scheme().len() > 1 => u,
+        _ => {
+            let path = std::path::Path::new(url);
+            std::fs::create_dir_all(path)
+                .map_err(|e| err(format!("cannot create directory: {e}")))?;
+            let abs = path
+                .canonicalize()
+                .map_err(|e| err(format!("cannot resolve directory: {e}")))?;
+            Url::from_directory_path(&abs).map_err(|_| err("not an absolute path".into()))?
+        }
+    };
+    let mut u = parsed;
+    if !u.path().ends_with('/') {
+        u.set_path(&format!("{}/", u.path()));
+    }
+    Ok(u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roots_are_directory_urls_and_unknown_schemes_are_refused() {
+        let none = BTreeMap::new();
+        let s3 = Lake::new("s3://bucket/prefix", &none).unwrap();
+        assert_eq!(s3.root().as_str(), "s3://bucket/prefix/");
+        assert_eq!(
+            s3.table_url("raw/loan").unwrap().as_str(),
+            "s3://bucket/prefix/raw/loan/"
+        );
+        assert!(!s3.is_local());
+        let dir = tempfile::tempdir().unwrap();
+        let local = Lake::new(dir.path().join("lake").to_str().unwrap(), &none).unwrap();
+        assert!(local.is_local() && local.root().as_str().ends_with("/lake/"));
+        let err = Lake::new("gs://bucket/x", &none).unwrap_err().to_string();
+        assert!(err.contains("unsupported scheme `gs`"), "{err}");
+    }
+
+    #[test]
+    fn debug_never_shows_option_values() {
+        let mut opts = BTreeMap::new();
+        opts.insert("AWS_SECRET_ACCESS_KEY".to_string(), "hunter2".to_string());
+        let lake = Lake::new("s3://b/p", &opts).unwrap();
+        let shown = format!("{lake:?}");
+        assert!(shown.contains("aws_secret_access_key") && !shown.contains("hunter2"));
+    }
+}
