@@ -181,6 +181,7 @@ fn main() {
             let s3 = change_to_visible(&url, &s3_file, s3_dir.path(), &s3_log, changes);
             report_latency("s3", &s3);
             let _ = server.kill();
+            let _ = server.wait();
             drop_slot(&url);
         }
         None => println!(

@@ -254,7 +254,7 @@ pub async fn run(
                     }
                 }
             }
-            permit = out.reserve(), if pending.txns > 0 && open.is_none() => {
+            permit = out.reserve(), if pending.txns > 0 && (open.is_none() || done) => {
                 let Ok(permit) = permit else { break };
                 let batch = pending.cut(&mut builders, false);
                 last_cut_end = batch.end_lsn;

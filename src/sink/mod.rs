@@ -45,17 +45,19 @@ impl SinkError {
     pub fn is_transient(&self) -> bool {
         use deltalake::DeltaTableError as E;
         match self {
-            SinkError::Delta { source, .. } => matches!(
-                source,
-                E::ObjectStore { .. }
-                    | E::Io { .. }
-                    | E::Transaction { .. }
-                    | E::VersionAlreadyExists(_)
-                    | E::KernelError(_)
-                    | E::Kernel { .. }
-                    | E::Generic(_)
-                    | E::GenericError { .. }
-            ),
+            SinkError::Delta { source, .. } => {
+                matches!(
+                    source,
+                    E::ObjectStore { .. }
+                        | E::Io { .. }
+                        | E::Transaction { .. }
+                        | E::VersionAlreadyExists(_)
+                        | E::KernelError(_)
+                        | E::Kernel { .. }
+                        | E::Generic(_)
+                        | E::GenericError { .. }
+                ) || store_unreachable(source)
+            }
             SinkError::Store { .. } => true,
             _ => false,
         }
@@ -386,4 +388,33 @@ fn check_schema(path: &str, table: &DeltaTable, want: &SchemaRef) -> Result<(), 
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deltalake::ObjectStoreError;
+
+    fn in_parquet(e: ObjectStoreError) -> SinkError {
+        SinkError::Delta {
+            table: "raw/user".into(),
+            source: deltalake::DeltaTableError::Parquet {
+                source: deltalake::parquet::errors::ParquetError::External(Box::new(e)),
+            },
+        }
+    }
+
+    #[test]
+    fn an_unreachable_store_deep_in_an_error_is_transient_a_missing_file_is_not() {
+        let unreachable = in_parquet(ObjectStoreError::Generic {
+            store: "S3",
+            source: "error sending request".into(),
+        });
+        assert!(unreachable.is_transient());
+        let missing = in_parquet(ObjectStoreError::NotFound {
+            path: "part-0.parquet".into(),
+            source: "404".into(),
+        });
+        assert!(!missing.is_transient());
+    }
 }

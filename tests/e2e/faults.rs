@@ -256,7 +256,7 @@ pub(crate) async fn assert_lake_equals_postgres(
             "raw/{table}: streamed changes != row changes committed in Postgres"
         );
         let lake = raw_image(&p.lake, table, cols).await;
-        let pg = pg_image(&client, quoted, cols).await;
+        let pg = pg_image(client, quoted, cols).await;
         assert_eq!(lake.len(), pg.len(), "raw/{table}: row count of the image");
         let wrong: Vec<_> = pg
             .iter()
@@ -268,7 +268,7 @@ pub(crate) async fn assert_lake_equals_postgres(
             "raw/{table}: rows differ from Postgres: {wrong:?}"
         );
     }
-    wait_until_oracle_matches(&p.lake, &client, AS_OF, Duration::from_secs(5)).await;
+    wait_until_oracle_matches(&p.lake, client, AS_OF, Duration::from_secs(5)).await;
 }
 
 /// SIGKILL at random moments (during the snapshot, state rebuild, batching and commits)
