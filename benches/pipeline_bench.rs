@@ -253,13 +253,9 @@ fn read_after_many_commits(url: &str, commits: u64) {
     let (mut child, _) = start_streaming(&file, &dir.path().join("many.log"));
     let first = latest_version(&delta_log);
     let started = Instant::now();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let changes = rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
+        let client = connect(url).await;
         let ids: Vec<i32> = client
             .query("SELECT id FROM loan ORDER BY id LIMIT 5000", &[])
             .await
@@ -342,15 +338,9 @@ fn catch_up(url: &str, target: i64) {
         "SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput')",
     );
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let (made, end_lsn) = rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let client = connect(url).await;
         let max_id: i32 = client
             .query_one("SELECT max(id) FROM loan", &[])
             .await
@@ -461,13 +451,9 @@ fn change_to_visible(
     let log = dir.join("run.log");
     let (mut child, first_start) = start_streaming_with(file, &log, "info,pipeline::sink=debug");
     let mut next_version = latest_version(delta_log) + 1;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let visible_ms = rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-        tokio::spawn(conn);
+        let client = connect(url).await;
         let ids: Vec<i32> = client
             .query("SELECT id FROM loan WHERE status IN ('paid', 'active') ORDER BY id LIMIT $1", &[&(changes as i64)])
             .await
@@ -575,6 +561,23 @@ fn start_streaming_with(file: &Path, log: &Path, rust_log: &str) -> (Child, Dura
         std::thread::sleep(Duration::from_millis(20));
     }
     (child, started.elapsed())
+}
+
+/// A current-thread runtime for the bench's own Postgres client.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A Postgres client whose connection runs on the current runtime.
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
 }
 
 fn parse_lsn(s: &str) -> u64 {
