@@ -3,7 +3,7 @@
 //! stream goes idle (at once, so a lone change is not held back), when the oldest
 //! change has waited `interval`, or when `max_rows` is reached.
 
-use crate::source::pgoutput::Datum;
+use crate::source::pgoutput::{Datum, RelationColumn};
 use crate::source::text::ColumnBuilder;
 use crate::source::{ChangeStream, Op, SourceError, SourceEvent, TableSchema};
 use arrow::array::{
@@ -183,8 +183,19 @@ pub struct BatcherOptions {
     pub fence_token: Option<String>,
 }
 
-/// Reads `stream` until cancelled (or the fence), sending batches to `out` and
-/// forwarding durable LSNs from `acks` to Postgres.
+/// A configured table's columns changed in the stream (ALTER TABLE). The batcher stops
+/// before the transaction that first shows the change: everything before it is handed
+/// on, and Postgres sends that transaction again to a run on the new schema.
+#[derive(Debug, Clone)]
+pub struct SchemaChange {
+    pub table: usize,
+    pub columns: Vec<RelationColumn>,
+    /// Commit LSN of the transaction carrying the new Relation message.
+    pub commit_lsn: u64,
+}
+
+/// Reads `stream` until cancelled (or the fence, or a schema change, which it returns),
+/// sending batches to `out` and forwarding durable LSNs from `acks` to Postgres.
 pub async fn run(
     mut stream: ChangeStream,
     schemas: Vec<TableSchema>,
@@ -192,7 +203,8 @@ pub async fn run(
     out: mpsc::Sender<ChangeBatch>,
     mut acks: watch::Receiver<u64>,
     cancel: CancellationToken,
-) -> Result<(), SourceError> {
+) -> Result<Option<SchemaChange>, SourceError> {
+    let mut schema_change = None;
     let mut builders: Vec<TableBuilder> = schemas.iter().map(TableBuilder::new).collect();
     let mut open: Option<OpenTxn> = None;
     let mut pending = Pending::default();
@@ -247,6 +259,17 @@ pub async fn run(
                             stream.ack(wal_end);
                         }
                     }
+                    Some(SourceEvent::SchemaChanged { table, columns }) => {
+                        // The open transaction is dropped unprocessed: it is replayed
+                        // from the slot, decoded with the new schema.
+                        let commit_lsn = open.take().map(|t| t.commit_lsn).unwrap_or(0);
+                        tracing::info!(table = %schemas[table].name,
+                            change = %schemas[table].diff(&columns),
+                            at_lsn = %crate::source::lsn_string(commit_lsn),
+                            "source table schema changed: finishing the batches before it");
+                        schema_change = Some(SchemaChange { table, columns, commit_lsn });
+                        done = true;
+                    }
                     Some(ev) => {
                         if handle_event(ev, &schemas, &opts, &mut builders, &mut open, &mut pending) {
                             done = true;
@@ -264,7 +287,7 @@ pub async fn run(
             else => {}
         }
         if done && pending.txns == 0 && (open.is_none() || cancel.is_cancelled()) {
-            if opts.fence_token.is_some() && !cancel.is_cancelled() {
+            if opts.fence_token.is_some() && !cancel.is_cancelled() && schema_change.is_none() {
                 // Tell the processor this is the end, even with nothing pending.
                 let _ = out.send(pending.cut(&mut builders, true)).await;
             }
@@ -285,7 +308,7 @@ pub async fn run(
     // Let the worker send the last standby status before closing.
     stream.wait_acked(Duration::from_secs(2)).await;
     stream.shutdown().await;
-    Ok(())
+    Ok(schema_change)
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -389,8 +412,8 @@ fn handle_event(
                 return true;
             }
         }
-        // Handled by the loop, which knows what is acknowledged.
-        SourceEvent::Heartbeat { .. } => {}
+        // Handled by the loop, which knows what is acknowledged and pending.
+        SourceEvent::Heartbeat { .. } | SourceEvent::SchemaChanged { .. } => {}
     }
     false
 }
@@ -408,12 +431,14 @@ mod tests {
             ColumnInfo {
                 name: "id".into(),
                 type_oid: 23,
+                declared: (23, -1),
                 type_name: "integer".into(),
                 data_type: DataType::Int32,
             },
             ColumnInfo {
                 name: "status".into(),
                 type_oid: 1043,
+                declared: (1043, -1),
                 type_name: "character varying".into(),
                 data_type: DataType::Utf8,
             },

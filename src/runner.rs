@@ -10,14 +10,15 @@
 use crate::batch::{self, BatcherOptions, ChangeBatch, LSN};
 use crate::config::Pipeline;
 use crate::features::{FeatureEngine, FeatureError, FeatureRows};
-use crate::sink::{DeltaSink, Maintainer, SinkError};
+use crate::sink::{DeltaSink, Maintainer, SinkError, TableSpec};
 use crate::source::{
     self, check_wal_level, connect, create_slot_with_snapshot, ensure_publication, load_schemas,
-    lsn_string, slot_info, ChangeStream, ConnInfo, SourceError, TableSchema,
+    lsn_string, relation_schema, slot_info, ChangeStream, ConnInfo, SourceError, TableSchema,
 };
 use arrow::array::{AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::Int64Type;
 use pgwire_replication::{ReplicationClient, ReplicationConfig};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,17 @@ pub enum RunError {
     Inconsistent(String),
     #[error("{0}")]
     SlotBusy(String),
+    #[error(
+        "source table {table} changed in the change stream at LSN {lsn} ({change}), and the \
+         features no longer plan on it: {source}. Change the feature file, then start again: \
+         the pipeline resumes at that transaction (nothing from it on was acknowledged)"
+    )]
+    SchemaChange {
+        table: String,
+        lsn: String,
+        change: String,
+        source: Box<FeatureError>,
+    },
     #[error("rebuilding state from {table}: {message}")]
     Rebuild {
         table: String,
@@ -128,6 +140,15 @@ pub struct RunSummary {
     pub batches: usize,
     pub changes: usize,
     pub last_lsn: u64,
+    /// Source schema changes the stages were rebuilt for.
+    pub schema_changes: usize,
+}
+
+/// Source tables whose running schema comes from the change stream's Relation message
+/// rather than the catalog (which may be ahead of the stream), by table index.
+#[derive(Default)]
+struct SchemaOverrides {
+    tables: BTreeMap<usize, SchemaChange>,
 }
 
 /// What `validate` and `run` share: connection, schemas and planned features.
@@ -140,10 +161,35 @@ pub struct Prepared {
 
 /// Connects, checks the source and plans every feature. Touches neither slot nor lake.
 pub async fn prepare(pipeline: &Pipeline) -> Result<Prepared, RunError> {
+    prepare_with(pipeline, &SchemaOverrides::default()).await
+}
+
+async fn prepare_with(
+    pipeline: &Pipeline,
+    overrides: &SchemaOverrides,
+) -> Result<Prepared, RunError> {
     let conn = ConnInfo::parse(&pipeline.config.source.url)?;
     let client = connect(&conn, pipeline.config.source.connect_retries).await?;
-    let schemas = load_schemas(&client, &pipeline.tables).await?;
-    let engine = FeatureEngine::new(pipeline, &schemas).await?;
+    let mut schemas = load_schemas(&client, &pipeline.tables).await?;
+    for (&t, change) in &overrides.tables {
+        schemas[t] = relation_schema(&client, &schemas[t], &change.columns).await?;
+    }
+    let engine = match FeatureEngine::new(pipeline, &schemas).await {
+        Ok(engine) => engine,
+        Err(source) => {
+            // Name the schema change a feature cannot follow, the latest first.
+            let Some((_, change)) = overrides.tables.iter().max_by_key(|(_, c)| c.commit_lsn)
+            else {
+                return Err(source.into());
+            };
+            return Err(RunError::SchemaChange {
+                table: schemas[change.table].name.to_string(),
+                lsn: lsn_string(change.commit_lsn),
+                change: change.description.clone(),
+                source: Box::new(source),
+            });
+        }
+    };
     Ok(Prepared {
         conn,
         client,
@@ -167,33 +213,68 @@ pub fn table_paths(pipeline: &Pipeline) -> Vec<String> {
     raw.chain(features).collect()
 }
 
+/// Runs the pipeline until cancelled (or, with `--once`, caught up). A source schema
+/// change (ALTER TABLE) rebuilds the stages on the schema the stream announced and
+/// resumes at the transaction that carried it.
 pub async fn run(
     pipeline: &Pipeline,
     opts: RunOptions,
     cancel: CancellationToken,
 ) -> Result<RunSummary, RunError> {
+    let mut overrides = SchemaOverrides::default();
+    let mut total = RunSummary::default();
+    loop {
+        let (summary, change) = run_stages(pipeline, &opts, cancel.clone(), &overrides).await?;
+        total.snapshot_rows += summary.snapshot_rows;
+        total.batches += summary.batches;
+        total.changes += summary.changes;
+        total.last_lsn = total.last_lsn.max(summary.last_lsn);
+        let Some(change) = change else {
+            return Ok(total);
+        };
+        total.schema_changes += 1;
+        tracing::info!(table = %pipeline.tables[change.table], change = %change.description,
+            at_lsn = %lsn_string(change.commit_lsn), "restarting the stages on the new source schema");
+        overrides.tables.insert(change.table, change);
+        if cancel.is_cancelled() {
+            return Ok(total);
+        }
+    }
+}
+
+/// One run of the stages on fixed source schemas; stops at a schema change and returns it.
+async fn run_stages(
+    pipeline: &Pipeline,
+    opts: &RunOptions,
+    cancel: CancellationToken,
+    overrides: &SchemaOverrides,
+) -> Result<(RunSummary, Option<SchemaChange>), RunError> {
     let started = Instant::now();
     let Prepared {
         conn,
         client,
         schemas,
         engine,
-    } = prepare(pipeline).await?;
+    } = prepare_with(pipeline, overrides).await?;
     check_wal_level(&client).await?;
     let src = &pipeline.config.source;
     ensure_publication(&client, &src.publication, &pipeline.tables).await?;
 
     let slot_name = pipeline.slot_name(&conn.database);
     let app_id = format!("pipeline-{}-{}", pipeline.config.name, slot_name);
-    let mut specs: Vec<(String, _)> = schemas
+    let mut specs: Vec<TableSpec> = schemas
         .iter()
-        .map(|s| (raw_path(s), batch::raw_schema(s)))
+        .map(|s| TableSpec {
+            path: raw_path(s),
+            schema: batch::raw_schema(s),
+            evolves: true,
+        })
         .collect();
     specs.extend(
         engine
             .output_schemas()
             .into_iter()
-            .map(|(n, s)| (feature_path(&n), s)),
+            .map(|(n, s)| (feature_path(&n), s).into()),
     );
     let lake = pipeline.config.lake.open()?;
     let root = lake.root().clone();
@@ -253,7 +334,13 @@ pub async fn run(
     .with_options(source::SESSION_OPTIONS)
     .with_application_name(format!("pipeline-{}", pipeline.config.name))
     .with_status_interval(Duration::from_millis(100))
-    .with_buffer_size(16 * 1024);
+    .with_buffer_size(16 * 1024)
+    // Without an observer the client does not track unsent feedback, and the last
+    // acknowledgement before a stop (shutdown, schema change) could be dropped: the
+    // batcher waits on it before closing the stream.
+    .with_feedback_observer(pgwire_replication::FeedbackObserver::new(|sent| {
+        tracing::trace!(?sent, "standby status sent")
+    }));
 
     let mut summary = RunSummary::default();
     let mut repl = ReplicationClient::connect_gated(repl_cfg)
@@ -321,7 +408,7 @@ pub async fn run(
             lsn = %lsn_string(snap.consistent_lsn), "initial snapshot committed to the lake");
         if opts.once || opts.resnapshot {
             // Everything committed before the start is in the snapshot.
-            return Ok(summary);
+            return Ok((summary, None));
         }
         snap.consistent_lsn
     } else {
@@ -423,8 +510,22 @@ pub async fn run(
         .await
         .map_err(|e| RunError::Inconsistent(format!("batcher task failed: {e}")))?;
     result?;
-    batcher_result?;
-    Ok(summary)
+    let change = batcher_result?.map(|c| SchemaChange {
+        description: schemas[c.table].diff(&c.columns).to_string(),
+        table: c.table,
+        columns: c.columns,
+        commit_lsn: c.commit_lsn,
+    });
+    Ok((summary, change))
+}
+
+/// A source table's new columns, as the change stream announced them.
+struct SchemaChange {
+    table: usize,
+    columns: Vec<source::pgoutput::RelationColumn>,
+    commit_lsn: u64,
+    /// Relative to the schema the stages ran on.
+    description: String,
 }
 
 /// Present in `<lake>/_pipeline/` while a resnapshot is replacing the tables.
@@ -673,14 +774,21 @@ async fn rebuild_state(
     Ok(total)
 }
 
-/// Casts a batch read back from Delta (string views, timezone spellings) to `want`.
+/// Casts a batch read back from Delta (string views, timezone spellings) to `want`. A
+/// nullable column the lake does not have yet was added to the source after these rows
+/// were written (the stream announces it before the first row that carries it): NULL.
 fn conform(b: &RecordBatch, want: &arrow::datatypes::SchemaRef) -> Result<RecordBatch, String> {
     let mut cols = Vec::with_capacity(want.fields().len());
     for f in want.fields() {
-        let c = b
-            .column_by_name(f.name())
-            .ok_or_else(|| format!("column {} missing", f.name()))?;
-        cols.push(arrow::compute::cast(c, f.data_type()).map_err(|e| e.to_string())?);
+        match b.column_by_name(f.name()) {
+            Some(c) => {
+                cols.push(arrow::compute::cast(c, f.data_type()).map_err(|e| e.to_string())?)
+            }
+            None if f.is_nullable() => {
+                cols.push(arrow::array::new_null_array(f.data_type(), b.num_rows()))
+            }
+            None => return Err(format!("column {} missing", f.name())),
+        }
     }
     RecordBatch::try_new(want.clone(), cols).map_err(|e| e.to_string())
 }

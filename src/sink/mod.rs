@@ -6,6 +6,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
+use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
 use deltalake::DeltaTable;
 use std::collections::BTreeMap;
@@ -85,10 +86,33 @@ pub fn store_unreachable(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// A table the sink writes: its path under the lake root and the schema of its batches.
+#[derive(Debug, Clone)]
+pub struct TableSpec {
+    pub path: String,
+    pub schema: SchemaRef,
+    /// The table follows its source's schema changes: appends add new columns to the
+    /// Delta schema and leave columns the batches lack NULL (a dropped source column keeps
+    /// its history); a snapshot replaces the schema. Otherwise the lake's column names
+    /// must equal the batches' (feature tables: a changed feature file is an error).
+    pub evolves: bool,
+}
+
+impl From<(String, SchemaRef)> for TableSpec {
+    fn from((path, schema): (String, SchemaRef)) -> Self {
+        TableSpec {
+            path,
+            schema,
+            evolves: false,
+        }
+    }
+}
+
 struct SinkTable {
     /// Taken while a write is in flight.
     table: Option<DeltaTable>,
     schema: SchemaRef,
+    evolves: bool,
     /// Highest txn version committed by this pipeline (0 = none).
     committed: u64,
     /// Version of the (re)snapshot the table holds (0 = none): see `snapshot_app_id`.
@@ -112,20 +136,27 @@ pub struct DeltaSink {
 
 impl DeltaSink {
     /// Opens (creating when missing) every table at `<root>/<path>` with its schema.
-    pub async fn open(
+    pub async fn open<S: Into<TableSpec>>(
         lake: Lake,
         app_id: String,
-        specs: Vec<(String, SchemaRef)>,
+        specs: impl IntoIterator<Item = S>,
     ) -> Result<DeltaSink, SinkError> {
         let mut tables = BTreeMap::new();
-        for (path, schema) in specs {
+        for spec in specs {
+            let TableSpec {
+                path,
+                schema,
+                evolves,
+            } = spec.into();
             let derr = |source| SinkError::Delta {
                 table: path.clone(),
                 source,
             };
             let mut table = lake.table(&path).await?;
             let (committed, snapshot) = if table.version().is_some() {
-                check_schema(&path, &table, &schema)?;
+                if !evolves {
+                    check_schema(&path, &table, &schema)?;
+                }
                 let log_store = table.log_store();
                 let state = table.snapshot().map_err(derr)?;
                 let mut versions = [0u64; 2];
@@ -154,6 +185,7 @@ impl DeltaSink {
                 SinkTable {
                     table: Some(table),
                     schema,
+                    evolves,
                     committed,
                     snapshot,
                 },
@@ -274,6 +306,11 @@ impl DeltaSink {
                 txns.push(Transaction::new(snapshot_app_id(&app_id), version as i64));
             }
             let inline_checkpoints = self.maintainer.is_none();
+            let schema_mode = match (entry.evolves, mode) {
+                (false, _) => None,
+                (true, SaveMode::Overwrite) => Some(SchemaMode::Overwrite),
+                (true, _) => Some(SchemaMode::Merge),
+            };
             jobs.push(async move {
                 let started = Instant::now();
                 let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
@@ -281,11 +318,14 @@ impl DeltaSink {
                     .with_application_transactions(txns)
                     .with_create_checkpoint(inline_checkpoints);
                 let backup = table.clone();
-                let result = table
+                let mut write = table
                     .write(batches)
                     .with_save_mode(mode)
-                    .with_commit_properties(props)
-                    .await;
+                    .with_commit_properties(props);
+                if let Some(m) = schema_mode {
+                    write = write.with_schema_mode(m);
+                }
+                let result = write.await;
                 match result {
                     Ok(t) => {
                         tracing::debug!(table = %path, rows, version = ?t.version(),

@@ -8,7 +8,7 @@ mod snapshot;
 mod stream;
 pub mod text;
 
-pub use catalog::{arrow_type, load_schemas, ColumnInfo, TableSchema};
+pub use catalog::{arrow_type, load_schemas, relation_schema, ColumnInfo, SchemaDiff, TableSchema};
 pub use connect::{connect, ConnInfo, SESSION_OPTIONS};
 pub use snapshot::{create_slot_with_snapshot, InitialSnapshot};
 pub use stream::{ChangeStream, Op, SourceEvent, FENCE_PREFIX};

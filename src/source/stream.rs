@@ -53,6 +53,13 @@ pub enum SourceEvent {
     Fence { token: String },
     /// A server keepalive: every transaction committed before `wal_end` has been sent.
     Heartbeat { wal_end: u64 },
+    /// A Relation message describes a configured table with other columns than the
+    /// running schema (ALTER TABLE): the stages must be rebuilt on the new schema
+    /// before the transaction that carries it can be processed.
+    SchemaChanged {
+        table: usize,
+        columns: Vec<pgoutput::RelationColumn>,
+    },
 }
 
 struct RelationMap {
@@ -173,18 +180,20 @@ impl ChangeStream {
                     .position(|s| s.name.schema == namespace && s.name.name == name);
                 let map = table.map(|table| {
                     let schema = &self.schemas[table];
-                    let columns: Vec<Option<usize>> = columns
-                        .iter()
-                        .map(|c| schema.column_index(&c.name))
-                        .collect();
-                    for (c, m) in self.schemas[table].columns.iter().zip(0..) {
-                        if !columns.contains(&Some(m)) {
-                            tracing::warn!(table = %schema.name, column = %c.name,
-                                "column no longer in the source relation; it will be NULL");
-                        }
+                    RelationMap {
+                        table,
+                        columns: columns
+                            .iter()
+                            .map(|c| schema.column_index(&c.name))
+                            .collect(),
                     }
-                    RelationMap { table, columns }
                 });
+                if let Some(table) = table {
+                    if !self.schemas[table].matches(&columns) {
+                        self.queued
+                            .push_back(SourceEvent::SchemaChanged { table, columns });
+                    }
+                }
                 self.relations.insert(oid, map);
             }
             Message::Insert { rel, new } => self.change(rel, Op::Insert, new)?,

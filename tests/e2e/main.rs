@@ -4,6 +4,7 @@
 mod faults;
 mod maintain;
 mod s3;
+mod schema;
 mod source_faults;
 mod support;
 

@@ -309,6 +309,13 @@ pub fn spawn_pipeline(
     tokio::task::JoinHandle<Result<pipeline::runner::RunSummary, pipeline::runner::RunError>>,
     tokio_util::sync::CancellationToken,
 ) {
+    // The pipeline's log, shown for failing tests (`RUST_LOG` picks the level).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
     let cancel = tokio_util::sync::CancellationToken::new();
     let c = cancel.clone();
     let handle = tokio::spawn(async move {
