@@ -189,7 +189,12 @@ fn main() {
         ),
     }
 
-    // 3. Restart on the full dump: state rebuilt from the lake, back to streaming.
+    // 3. Restart on the full dump: state rebuilt from the lake, back to streaming. Its own
+    //    lake and slot, filled by a `--once` first (the sections above drop theirs).
+    drop_slot(&url);
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(dir.path(), &url, AS_OF);
+    run_once(&file, "--once before the restarts");
     let mut restarts = Vec::new();
     for i in 0..runs {
         let (mut child, took) = start_streaming(&file, &dir.path().join(format!("restart{i}.log")));
@@ -326,13 +331,7 @@ fn catch_up(url: &str, target: i64) {
     psql(url, "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE slot_name = 'bench_recv'");
     let dir = tempfile::tempdir().unwrap();
     let file = write_pipeline(dir.path(), url, "");
-    let st = Command::new(bin())
-        .args(["run", "--once"])
-        .arg(&file)
-        .env("RUST_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(st.success(), "snapshot before the backlog");
+    run_once(&file, "snapshot before the backlog");
     psql(
         url,
         "SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput')",
@@ -404,14 +403,8 @@ fn catch_up(url: &str, target: i64) {
     psql(url, "SELECT pg_drop_replication_slot('bench_recv')");
 
     let started = Instant::now();
-    let st = Command::new(bin())
-        .args(["run", "--once"])
-        .arg(&file)
-        .env("RUST_LOG", "warn")
-        .status()
-        .unwrap();
+    run_once(&file, "catch-up --once");
     let ours = started.elapsed().as_secs_f64();
-    assert!(st.success(), "catch-up --once");
     drop_slot(url);
     println!(
         "catch_up: changes={made} pipeline_once_s={ours:.2} ({:.0} changes/s, incl. start-up) \
@@ -537,6 +530,17 @@ fn report_latency(lake: &str, l: &Latency) {
 }
 
 /// Starts `pipeline run` logging to `log`; returns once it logs that it is streaming.
+/// `pipeline run --once` on `file`, which must succeed (`what` names the step).
+fn run_once(file: &Path, what: &str) {
+    let st = Command::new(bin())
+        .args(["run", "--once"])
+        .arg(file)
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(st.success(), "{what} failed");
+}
+
 fn start_streaming(file: &Path, log: &Path) -> (Child, Duration) {
     start_streaming_with(file, log, "info")
 }
