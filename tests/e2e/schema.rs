@@ -203,3 +203,75 @@ async fn a_feature_reading_a_dropped_column_stops_the_pipeline_naming_it() {
     wait_until_oracle_matches(&p.lake, &client, AS_OF, STREAM_TIMEOUT).await;
     drop_slot(&client, &p.slot).await;
 }
+
+/// `amount` of every raw/loan row of loan `id`, in change order, as doubles.
+async fn loan_amounts(lake: &Lake, id: i32) -> Vec<f64> {
+    let sql = format!("SELECT CAST(amount AS DOUBLE) FROM t WHERE id = {id} ORDER BY _lsn, _seq");
+    let batches = try_read_delta(lake, "raw/loan", &sql)
+        .await
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for b in batches {
+        let col = b.column(0).as_primitive::<arrow::datatypes::Float64Type>();
+        out.extend(col.iter().map(|v| v.unwrap_or(f64::NAN)));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_type_change_is_cast_to_the_lake_or_stops_naming_the_raw_table() {
+    let (info, client) = seeded_db("pt_schema_type", 50).await;
+    let p = pipeline_file(&info, "schema_type", Some(AS_OF));
+    let (handle, cancel) = spawn_pipeline(p.load(), false);
+    wait_slot_active(&client, &p.slot).await;
+
+    // double precision → numeric(14,2): the new values are cast to the double column.
+    for sql in [
+        "ALTER TABLE loan ALTER COLUMN amount TYPE numeric(14,2)",
+        "UPDATE loan SET amount = 1234.56 WHERE id = 1",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    let mut amounts = Vec::new();
+    for _ in 0..200 {
+        amounts = loan_amounts(&p.lake, 1).await;
+        if amounts.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(amounts.len(), 2, "{amounts:?}");
+    assert_eq!(amounts[1], 1234.56);
+    wait_until_oracle_matches(&p.lake, &client, AS_OF, STREAM_TIMEOUT).await;
+
+    // date → text with a value that is no date: the raw table cannot take it.
+    for sql in [
+        "ALTER TABLE loan ALTER COLUMN updated_on TYPE text",
+        "UPDATE loan SET updated_on = 'not a date', amount = 1 WHERE id = 2",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    let result = tokio::time::timeout(STREAM_TIMEOUT, handle).await;
+    cancel.cancel();
+    let err = result
+        .expect("the pipeline must stop on its own")
+        .unwrap()
+        .expect_err("'not a date' cannot go into a date column");
+    assert!(err.to_string().contains("raw/loan"), "{err}");
+    assert_eq!(
+        loan_amounts(&p.lake, 2).await.len(),
+        1,
+        "the uncastable change must not be written"
+    );
+    let unacked = count(
+        &client,
+        &format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}' \
+             AND confirmed_flush_lsn < pg_current_wal_lsn()",
+            p.slot
+        ),
+    )
+    .await;
+    assert_eq!(unacked, 1, "the slot must stay before the change");
+    drop_slot(&client, &p.slot).await;
+}

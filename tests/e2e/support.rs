@@ -312,7 +312,8 @@ pub fn spawn_pipeline(
     // The pipeline's log, shown for failing tests (`RUST_LOG` picks the level).
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "pipeline=warn".into()),
         )
         .with_test_writer()
         .try_init();
