@@ -5,7 +5,7 @@
 
 use crate::source::pgoutput::{Datum, RelationColumn};
 use crate::source::text::ColumnBuilder;
-use crate::source::{ChangeStream, Op, SourceError, SourceEvent, TableSchema};
+use crate::source::{ChangeStream, Op, SchemaDiff, SourceError, SourceEvent, TableSchema};
 use arrow::array::{
     ArrayRef, Int64Array, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
 };
@@ -192,6 +192,8 @@ pub struct SchemaChange {
     pub columns: Vec<RelationColumn>,
     /// Commit LSN of the transaction carrying the new Relation message.
     pub commit_lsn: u64,
+    /// Relative to the schema the batcher ran on.
+    pub diff: SchemaDiff,
 }
 
 /// Reads `stream` until cancelled (or the fence, or a schema change, which it returns),
@@ -263,11 +265,11 @@ pub async fn run(
                         // The open transaction is dropped unprocessed: it is replayed
                         // from the slot, decoded with the new schema.
                         let commit_lsn = open.take().map(|t| t.commit_lsn).unwrap_or(0);
-                        tracing::info!(table = %schemas[table].name,
-                            change = %schemas[table].diff(&columns),
+                        let diff = schemas[table].diff(&columns);
+                        tracing::info!(table = %schemas[table].name, change = %diff,
                             at_lsn = %crate::source::lsn_string(commit_lsn),
                             "source table schema changed: finishing the batches before it");
-                        schema_change = Some(SchemaChange { table, columns, commit_lsn });
+                        schema_change = Some(SchemaChange { table, columns, commit_lsn, diff });
                         done = true;
                     }
                     Some(ev) => {

@@ -7,7 +7,7 @@
 //!     └──────────── ack LSN (only after every table commit) ◀────┘
 //! ```
 
-use crate::batch::{self, BatcherOptions, ChangeBatch, LSN};
+use crate::batch::{self, BatcherOptions, ChangeBatch, SchemaChange, LSN};
 use crate::config::Pipeline;
 use crate::features::{FeatureEngine, FeatureError, FeatureRows};
 use crate::sink::{DeltaSink, Maintainer, SinkError, TableSpec};
@@ -185,7 +185,7 @@ async fn prepare_with(
             return Err(RunError::SchemaChange {
                 table: schemas[change.table].name.to_string(),
                 lsn: lsn_string(change.commit_lsn),
-                change: change.description.clone(),
+                change: change.diff.to_string(),
                 source: Box::new(source),
             });
         }
@@ -233,7 +233,7 @@ pub async fn run(
             return Ok(total);
         };
         total.schema_changes += 1;
-        tracing::info!(table = %pipeline.tables[change.table], change = %change.description,
+        tracing::info!(table = %pipeline.tables[change.table], change = %change.diff,
             at_lsn = %lsn_string(change.commit_lsn), "restarting the stages on the new source schema");
         overrides.tables.insert(change.table, change);
         if cancel.is_cancelled() {
@@ -510,22 +510,7 @@ async fn run_stages(
         .await
         .map_err(|e| RunError::Inconsistent(format!("batcher task failed: {e}")))?;
     result?;
-    let change = batcher_result?.map(|c| SchemaChange {
-        description: schemas[c.table].diff(&c.columns).to_string(),
-        table: c.table,
-        columns: c.columns,
-        commit_lsn: c.commit_lsn,
-    });
-    Ok((summary, change))
-}
-
-/// A source table's new columns, as the change stream announced them.
-struct SchemaChange {
-    table: usize,
-    columns: Vec<source::pgoutput::RelationColumn>,
-    commit_lsn: u64,
-    /// Relative to the schema the stages ran on.
-    description: String,
+    Ok((summary, batcher_result?))
 }
 
 /// Present in `<lake>/_pipeline/` while a resnapshot is replacing the tables.

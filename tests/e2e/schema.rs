@@ -47,20 +47,28 @@ async fn loan_history(lake: &Lake, id: i32) -> Vec<(String, String, Option<Strin
     out
 }
 
-async fn wait_for_history(
-    lake: &Lake,
-    id: i32,
-    rows: usize,
-) -> Vec<(String, String, Option<String>)> {
+/// Reads with `read` until it returns at least `rows` rows (or 20 s pass).
+async fn wait_for_rows<T, F>(rows: usize, read: impl Fn() -> F) -> Vec<T>
+where
+    F: std::future::Future<Output = Vec<T>>,
+{
     let mut got = Vec::new();
     for _ in 0..200 {
-        got = loan_history(lake, id).await;
+        got = read().await;
         if got.len() >= rows {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     got
+}
+
+async fn wait_for_history(
+    lake: &Lake,
+    id: i32,
+    rows: usize,
+) -> Vec<(String, String, Option<String>)> {
+    wait_for_rows(rows, || loan_history(lake, id)).await
 }
 
 const NEW_LOAN: &str = "INSERT INTO loan (id, client_id, amount, created_on, duration, \
@@ -232,14 +240,7 @@ async fn a_column_type_change_is_cast_to_the_lake_or_stops_naming_the_raw_table(
     ] {
         client.batch_execute(sql).await.unwrap();
     }
-    let mut amounts = Vec::new();
-    for _ in 0..200 {
-        amounts = loan_amounts(&p.lake, 1).await;
-        if amounts.len() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let amounts = wait_for_rows(2, || loan_amounts(&p.lake, 1)).await;
     assert_eq!(amounts.len(), 2, "{amounts:?}");
     assert_eq!(amounts[1], 1234.56);
     wait_until_oracle_matches(&p.lake, &client, AS_OF, STREAM_TIMEOUT).await;
