@@ -8,9 +8,14 @@
 //!    (s3s-fs on loopback), with each table's Delta commit time from the pipeline's log.
 //! 3. Restart on the full dump: from process start to streaming again (state rebuilt
 //!    from the lake, no re-snapshot).
+//! 4. Catch-up after a backlog of changes, next to `pg_recvlogical` on the same backlog.
+//! 5. Python `deltalake` read after many small commits and `pipeline maintain`.
+//! 6. One transaction of about a million rows: wall time and peak RSS of its catch-up.
 //!
 //! Run: `cargo bench --bench pipeline_bench` (needs ../shared/dumps, or set BENCH_DUMP).
-//! Knobs: BENCH_RUNS (default 3), BENCH_CHANGES (default 200).
+//! Knobs: BENCH_RUNS (default 3), BENCH_CHANGES (default 200), BENCH_BACKLOG (changes,
+//! default 1,000,000), BENCH_COMMITS (default 10,000), BENCH_LARGE_TXN_ROWS (default
+//! 1,000,000), BENCH_COMPACT_EVERY (section 5's compaction interval); 0 skips a section.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -229,6 +234,57 @@ fn main() {
     if commits > 0 {
         read_after_many_commits(&url, commits);
     }
+
+    // 6. One source transaction far larger than a batch, caught up by `run --once`:
+    //    memory must not follow its size (it is handed on in pieces of `max_rows`).
+    let large: i64 = std::env::var("BENCH_LARGE_TXN_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    if large > 0 {
+        large_transaction(&url, large);
+    }
+}
+
+/// `run --once` over one transaction of about `rows` loan updates (whole-table UPDATEs
+/// repeated), after a `--once` snapshot: wall time and peak RSS of the catch-up.
+fn large_transaction(url: &str, rows: i64) {
+    drop_slot(url);
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_pipeline(dir.path(), url, AS_OF);
+    let (_, snapshot_rss) = run_measured(
+        Command::new(bin())
+            .args(["run", "--once"])
+            .arg(&file)
+            .env("RUST_LOG", "warn"),
+    );
+    let loans: i64 = psql(url, "SELECT count(*) FROM loan").parse().unwrap();
+    let updates = (rows + loans - 1) / loans.max(1);
+    let mut sql = String::from("BEGIN;");
+    for _ in 0..updates {
+        sql.push_str("UPDATE loan SET updated_on = updated_on;");
+    }
+    sql.push_str("COMMIT;");
+    let t0 = Instant::now();
+    psql(url, &sql);
+    let made = t0.elapsed();
+    let (wall, peak) = run_measured(
+        Command::new(bin())
+            .args(["run", "--once"])
+            .arg(&file)
+            .env("RUST_LOG", "warn"),
+    );
+    drop_slot(url);
+    println!(
+        "large_transaction: rows={} (one transaction, written in {:.1} s); run --once wall_s={:.2} \
+         changes_per_s={:.0} peak_rss_mib={:.1} (snapshot run: {:.1})",
+        updates * loans,
+        made.as_secs_f64(),
+        wall.as_secs_f64(),
+        (updates * loans) as f64 / wall.as_secs_f64(),
+        peak,
+        snapshot_rss
+    );
 }
 
 /// The examples' virtualenv (scripts/examples.sh), which has deltalake and duckdb.
@@ -252,7 +308,12 @@ fn read_after_many_commits(url: &str, commits: u64) {
     };
     drop_slot(url);
     let dir = tempfile::tempdir().unwrap();
-    let file = write_pipeline(dir.path(), url, "");
+    // BENCH_COMPACT_EVERY: the maintainer's compaction interval (default: the pipeline's).
+    let mut lake = format!("lake:\n  url: {}\n", dir.path().join("lake").display());
+    if let Ok(n) = std::env::var("BENCH_COMPACT_EVERY") {
+        lake.push_str(&format!("  maintenance:\n    compact_every_commits: {n}\n"));
+    }
+    let file = write_pipeline_with_lake(dir.path(), url, "", &lake);
     let table = dir.path().join("lake/features/client_features");
     let delta_log = table.join("_delta_log");
     let (mut child, _) = start_streaming(&file, &dir.path().join("many.log"));

@@ -2,6 +2,11 @@
 //! `RecordBatch` per table. Batches are cut only at transaction boundaries: when the
 //! stream goes idle (at once, so a lone change is not held back), when the oldest
 //! change has waited `interval`, or when `max_rows` is reached.
+//!
+//! A transaction larger than `max_rows` is the exception: it is handed on in pieces of
+//! `max_rows` rows as it arrives (`ChangeBatch::continues`), so memory does not grow with
+//! its size. The pieces are written ahead as unreferenced files and committed, and
+//! acknowledged, only with the piece that carries the transaction's end.
 
 use crate::source::pgoutput::{Datum, RelationColumn};
 use crate::source::text::ColumnBuilder;
@@ -77,6 +82,10 @@ pub struct ChangeBatch {
     pub first_received: Instant,
     /// Set on the batch that closes a `--once` run.
     pub last: bool,
+    /// The batch is a piece of one transaction larger than `max_rows` whose rest follows
+    /// in the next batch(es); the last piece has this unset and `transactions == 1`.
+    /// Nothing of a piece may be committed or acknowledged before that last piece.
+    pub continues: bool,
     /// Per table, the `(row, column)` cells of updates whose TOASTed value pgoutput did
     /// not send because it did not change: NULL in `tables` until filled from state.
     pub unchanged_toast: Vec<Vec<(usize, usize)>>,
@@ -170,7 +179,21 @@ struct StagedChange {
 struct OpenTxn {
     commit_lsn: u64,
     ts: i64,
+    /// Already in the lake (it commits before the resume point): not staged.
+    skip: bool,
+    /// Changes not yet handed on (at most `max_rows`).
     changes: Vec<StagedChange>,
+    /// Changes of the transaction so far, handed on or not (the next `_seq`).
+    seen: i64,
+    /// Pieces already handed on (see `ChangeBatch::continues`).
+    pieces: usize,
+}
+
+impl OpenTxn {
+    /// The staged changes fill a piece: hand them on before reading more.
+    fn piece_full(&self, max_rows: usize) -> bool {
+        self.changes.len() >= max_rows
+    }
 }
 
 /// Settings for one batcher run.
@@ -229,7 +252,10 @@ pub async fn run(
                     .is_some_and(|t| t.elapsed() >= opts.interval));
         // Keep reading while events are available and the batch is not full; a batch is
         // cut when reading would wait (idle) or when it is ready.
-        let can_read = !(done || stream_ended || (ready && open.is_none()));
+        // A transaction too large for one batch is handed on in pieces, committed batches
+        // first; reading waits until the piece is sent (backpressure on the stream).
+        let piece_full = !done && open.as_ref().is_some_and(|t| t.piece_full(opts.max_rows));
+        let can_read = !(done || stream_ended || piece_full || (ready && open.is_none()));
         let deadline = pending
             .first_received
             .map(|t| tokio::time::Instant::from_std(t + opts.interval));
@@ -279,11 +305,16 @@ pub async fn run(
                     }
                 }
             }
-            permit = out.reserve(), if pending.txns > 0 && (open.is_none() || done) => {
+            permit = out.reserve(), if (pending.txns > 0 && (open.is_none() || done)) || piece_full => {
                 let Ok(permit) = permit else { break };
-                let batch = pending.cut(&mut builders, false);
-                last_cut_end = batch.end_lsn;
-                permit.send(batch);
+                if pending.txns > 0 {
+                    let batch = pending.cut(&mut builders, false);
+                    last_cut_end = batch.end_lsn;
+                    permit.send(batch);
+                } else {
+                    let t = open.as_mut().expect("a full piece is open");
+                    permit.send(piece(t, &schemas, &mut builders, &mut pending));
+                }
             }
             _ = sleep_until(deadline), if deadline.is_some() && !ready => {}
             else => {}
@@ -333,6 +364,7 @@ struct Pending {
 impl Pending {
     fn cut(&mut self, builders: &mut [TableBuilder], last: bool) -> ChangeBatch {
         let batch = ChangeBatch {
+            continues: false,
             unchanged_toast: builders
                 .iter_mut()
                 .map(TableBuilder::take_unchanged_toast)
@@ -353,6 +385,35 @@ impl Pending {
     }
 }
 
+/// Hands on the staged changes of the open transaction as a piece (see
+/// `ChangeBatch::continues`). Only called with no committed transaction pending, so the
+/// builders hold nothing else.
+fn piece(
+    t: &mut OpenTxn,
+    schemas: &[TableSchema],
+    builders: &mut [TableBuilder],
+    pending: &mut Pending,
+) -> ChangeBatch {
+    debug_assert_eq!(pending.txns, 0);
+    if t.pieces == 0 {
+        tracing::info!(commit_lsn = %crate::source::lsn_string(t.commit_lsn),
+            piece_rows = t.changes.len(),
+            "large transaction: handing it on in pieces, committed with its last one");
+    }
+    t.pieces += 1;
+    let rows = t.changes.len();
+    for c in t.changes.drain(..) {
+        builders[c.table].append(&schemas[c.table], &c, t.commit_lsn, t.ts);
+    }
+    pending.first_received.get_or_insert_with(Instant::now);
+    pending.commit_lsn = t.commit_lsn;
+    pending.ts = t.ts;
+    let mut batch = pending.cut(builders, false);
+    batch.continues = true;
+    batch.rows = rows;
+    batch
+}
+
 /// Applies one event; returns true when the `--once` fence was reached.
 fn handle_event(
     ev: SourceEvent,
@@ -370,18 +431,23 @@ fn handle_event(
             *open = Some(OpenTxn {
                 commit_lsn,
                 ts: commit_ts_micros,
+                // Its commit record starts at `commit_lsn` and ends after it, so it ends
+                // at or before the resume point exactly when it starts before it.
+                skip: commit_lsn < opts.skip_through,
                 changes: Vec::new(),
+                seen: 0,
+                pieces: 0,
             });
         }
         SourceEvent::Change { table, op, row } => {
-            if let Some(t) = open.as_mut() {
-                let seq = t.changes.len() as i64;
+            if let Some(t) = open.as_mut().filter(|t| !t.skip) {
                 t.changes.push(StagedChange {
                     table,
                     op,
-                    seq,
+                    seq: t.seen,
                     row,
                 });
+                t.seen += 1;
             }
         }
         SourceEvent::Commit {
@@ -390,11 +456,11 @@ fn handle_event(
             ..
         } => {
             let Some(t) = open.take() else { return false };
-            if end_lsn <= opts.skip_through {
+            if t.skip || end_lsn <= opts.skip_through {
                 tracing::debug!(end_lsn, "skipping transaction already in the lake");
                 return false;
             }
-            if t.changes.is_empty() {
+            if t.seen == 0 {
                 // Transactions touching none of our tables still move the ack point.
                 pending.end_lsn = end_lsn;
                 return false;
@@ -402,6 +468,11 @@ fn handle_event(
             pending.first_received.get_or_insert_with(Instant::now);
             for c in &t.changes {
                 builders[c.table].append(&schemas[c.table], c, t.commit_lsn, commit_ts_micros);
+            }
+            if t.pieces > 0 {
+                tracing::info!(rows = t.seen, pieces = t.pieces + 1,
+                    commit_lsn = %crate::source::lsn_string(t.commit_lsn),
+                    "large transaction complete: committing its pieces");
             }
             pending.txns += 1;
             pending.rows += t.changes.len();
@@ -551,5 +622,114 @@ mod tests {
         assert_eq!(seqs.values().to_vec(), vec![0, 1, 0]);
         // The next cut starts empty.
         assert!(pending.cut(&mut builders, false).tables[0].is_none());
+    }
+
+    #[test]
+    fn a_transaction_larger_than_max_rows_is_handed_on_in_pieces_then_committed_whole() {
+        let schemas = vec![schema()];
+        let opts = BatcherOptions {
+            interval: Duration::from_millis(200),
+            max_rows: 2,
+            skip_through: 100,
+            fence_token: None,
+        };
+        let mut builders: Vec<TableBuilder> = schemas.iter().map(TableBuilder::new).collect();
+        let (mut open, mut pending) = (None, Pending::default());
+        // Starts before the resume point: in the lake already, so nothing is staged.
+        handle_event(
+            SourceEvent::Begin {
+                commit_lsn: 90,
+                commit_ts_micros: 1,
+            },
+            &schemas,
+            &opts,
+            &mut builders,
+            &mut open,
+            &mut pending,
+        );
+        for _ in 0..5 {
+            handle_event(
+                change("1", Op::Insert),
+                &schemas,
+                &opts,
+                &mut builders,
+                &mut open,
+                &mut pending,
+            );
+        }
+        assert!(open.as_ref().unwrap().changes.is_empty());
+        handle_event(
+            SourceEvent::Commit {
+                commit_lsn: 90,
+                end_lsn: 95,
+                commit_ts_micros: 1,
+            },
+            &schemas,
+            &opts,
+            &mut builders,
+            &mut open,
+            &mut pending,
+        );
+        assert_eq!(pending.txns, 0);
+
+        handle_event(
+            SourceEvent::Begin {
+                commit_lsn: 200,
+                commit_ts_micros: 7,
+            },
+            &schemas,
+            &opts,
+            &mut builders,
+            &mut open,
+            &mut pending,
+        );
+        let mut pieces = Vec::new();
+        for id in ["1", "2", "3", "4", "5"] {
+            handle_event(
+                change(id, Op::Update),
+                &schemas,
+                &opts,
+                &mut builders,
+                &mut open,
+                &mut pending,
+            );
+            let t = open.as_mut().unwrap();
+            if t.piece_full(opts.max_rows) {
+                pieces.push(piece(t, &schemas, &mut builders, &mut pending));
+            }
+        }
+        handle_event(
+            SourceEvent::Commit {
+                commit_lsn: 200,
+                end_lsn: 210,
+                commit_ts_micros: 7,
+            },
+            &schemas,
+            &opts,
+            &mut builders,
+            &mut open,
+            &mut pending,
+        );
+        let last = pending.cut(&mut builders, false);
+        assert_eq!(pieces.len(), 2);
+        for p in &pieces {
+            assert!(p.continues);
+            assert_eq!((p.transactions, p.rows, p.commit_lsn), (0, 2, 200));
+        }
+        assert!(!last.continues);
+        assert_eq!((last.transactions, last.rows, last.end_lsn), (1, 1, 210));
+        // Rows keep their order within the transaction across pieces.
+        let seqs: Vec<i64> = pieces
+            .iter()
+            .chain([&last])
+            .flat_map(|b| {
+                let t = b.tables[0].as_ref().unwrap();
+                let seq = t.column_by_name(SEQ).unwrap();
+                seq.as_primitive::<arrow::datatypes::Int64Type>()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
     }
 }

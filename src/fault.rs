@@ -5,6 +5,8 @@
 //! - `before_delta_commit`: the process aborts (no destructors, no flush, like SIGKILL)
 //!   when a Delta commit entry is about to be written, after the batch's Parquet files;
 //! - `before_ack`: aborts after every table committed a batch, before Postgres is told;
+//! - `large_txn_piece`: aborts after a piece of a large transaction was applied to state
+//!   and written ahead, before the transaction's commit;
 //! - `lost_commit_reply`: a Delta commit entry is written, then the write reports an
 //!   error, as when an S3 reply is lost on the way back.
 //!

@@ -9,8 +9,8 @@
 
 use crate::batch::{self, BatcherOptions, ChangeBatch, SchemaChange, LSN};
 use crate::config::Pipeline;
-use crate::features::{FeatureEngine, FeatureError, FeatureRows};
-use crate::sink::{DeltaSink, Maintainer, SinkError, TableSpec};
+use crate::features::{FeatureEngine, FeatureError, FeatureRows, Touched};
+use crate::sink::{DeltaSink, Maintainer, SinkError, StagedFiles, TableSpec};
 use crate::source::{
     self, check_wal_level, connect, create_slot_with_snapshot, ensure_publication, load_schemas,
     lsn_string, relation_schema, slot_info, ChangeStream, ConnInfo, SourceError, TableSchema,
@@ -47,6 +47,13 @@ pub enum RunError {
         change: String,
         source: Box<FeatureError>,
     },
+    #[error(
+        "{source}. The transaction cannot be written to the raw mirror as it stands (a source \
+         column whose type changed to values the lake's column cannot hold?); nothing from it on \
+         was acknowledged. Rebuild the lake on the source's current schema with `pipeline \
+         resnapshot <pipeline.yaml>`"
+    )]
+    RawWrite { source: Box<SinkError> },
     #[error("rebuilding state from {table}: {message}")]
     Rebuild {
         table: String,
@@ -469,6 +476,8 @@ async fn run_stages(
 
     let result = async {
         let mut health = tokio::time::interval(SLOT_HEALTH_EVERY);
+        // A transaction larger than one batch, between its first piece and its last.
+        let mut large: Option<LargeTxn> = None;
         loop {
             let mut batch = tokio::select! {
                 b = batch_rx.recv() => match b {
@@ -480,8 +489,21 @@ async fn run_stages(
                     continue;
                 }
             };
+            if batch.continues {
+                let txn = large.get_or_insert_with(|| LargeTxn {
+                    staged: StagedFiles::default(),
+                    touched: engine.no_entities(),
+                });
+                stage_piece(&engine, &sink, &schemas, &mut batch, txn).await?;
+                continue;
+            }
+            if large.is_some() && batch.transactions != 1 {
+                return Err(RunError::Inconsistent(
+                    "a large transaction's pieces were not followed by its end".into(),
+                ));
+            }
             if batch.transactions > 0 {
-                process_batch(&engine, &mut sink, &schemas, &mut batch).await?;
+                process_batch(&engine, &mut sink, &schemas, &mut batch, large.take()).await?;
                 crate::fault::crash_point("before_ack");
                 let _ = ack_tx.send(batch.end_lsn);
                 summary.batches += 1;
@@ -558,15 +580,60 @@ async fn check_slot_health(client: &tokio_postgres::Client, slot: &str) -> Resul
     Ok(())
 }
 
+/// The pieces of a transaction larger than one batch seen so far (see
+/// `ChangeBatch::continues`): applied to state, their raw rows written ahead as files.
+struct LargeTxn {
+    staged: StagedFiles,
+    touched: Touched,
+}
+
+/// Applies a piece of a large transaction to state and writes its raw rows ahead; the
+/// commit comes with the transaction's last piece. If the run stops before, state is
+/// rebuilt from the lake and Postgres sends the whole transaction again.
+async fn stage_piece(
+    engine: &FeatureEngine,
+    sink: &DeltaSink,
+    schemas: &[TableSchema],
+    batch: &mut ChangeBatch,
+    txn: &mut LargeTxn,
+) -> Result<(), RunError> {
+    engine.fill_unchanged_toast(batch)?;
+    engine.apply(batch, &mut txn.touched)?;
+    for (schema, rows) in schemas.iter().zip(&batch.tables) {
+        let Some(rows) = rows else { continue };
+        let path = raw_path(schema);
+        let rows = not_yet_committed(rows, sink.committed(&path))?;
+        sink.stage(&mut txn.staged, &path, &rows)
+            .await
+            .map_err(raw_write_error)?;
+    }
+    crate::fault::crash_point("large_txn_piece");
+    tracing::info!(
+        rows_so_far = txn.staged.rows(),
+        touched = txn.touched.len(),
+        commit_lsn = %lsn_string(batch.commit_lsn),
+        "large transaction: piece applied and written ahead"
+    );
+    Ok(())
+}
+
 async fn process_batch(
     engine: &FeatureEngine,
     sink: &mut DeltaSink,
     schemas: &[TableSchema],
     batch: &mut ChangeBatch,
+    large: Option<LargeTxn>,
 ) -> Result<(), RunError> {
     // Before anything reads the rows: the raw mirror and state get the full image.
     engine.fill_unchanged_toast(batch)?;
-    let features = engine.process(batch).await?;
+    let (mut touched, staged) = match large {
+        Some(txn) => (txn.touched, txn.staged),
+        None => (engine.no_entities(), StagedFiles::default()),
+    };
+    engine.apply(batch, &mut touched)?;
+    let features = engine
+        .compute_touched(touched, batch.commit_lsn, batch.commit_ts_micros)
+        .await?;
     let mut writes = Vec::new();
     for (schema, rows) in schemas.iter().zip(&batch.tables) {
         let Some(rows) = rows else { continue };
@@ -576,8 +643,20 @@ async fn process_batch(
         writes.push((path, vec![rows]));
     }
     writes.extend(feature_writes(features));
-    sink.commit(writes, batch.end_lsn).await?;
+    sink.commit_staged(writes, batch.end_lsn, staged)
+        .await
+        .map_err(raw_write_error)?;
     Ok(())
+}
+
+/// A raw table refusing a batch for good (not the store being away) gets the way out.
+fn raw_write_error(e: SinkError) -> RunError {
+    match e.table() {
+        Some(t) if t.starts_with("raw/") && !e.is_transient() => RunError::RawWrite {
+            source: Box::new(e),
+        },
+        _ => e.into(),
+    }
 }
 
 fn feature_writes(features: Vec<FeatureRows>) -> Vec<(String, Vec<RecordBatch>)> {

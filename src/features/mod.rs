@@ -59,6 +59,19 @@ struct CompiledFile {
     mappings: Vec<Option<Mapping>>,
 }
 
+/// Entities touched by changes, per feature file (see [`FeatureEngine::apply`]).
+pub struct Touched(Vec<HashSet<Key>>);
+
+impl Touched {
+    pub fn len(&self) -> usize {
+        self.0.iter().map(HashSet::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Features computed for one file and one batch.
 pub struct FeatureRows {
     pub table: String,
@@ -206,24 +219,47 @@ impl FeatureEngine {
         Ok(())
     }
 
-    /// Applies `batch` to state and recomputes features for the entities it touched.
-    pub async fn process(&self, batch: &ChangeBatch) -> Result<Vec<FeatureRows>, FeatureError> {
+    /// An empty set of touched entities, to collect over [`FeatureEngine::apply`] calls.
+    pub fn no_entities(&self) -> Touched {
+        Touched(vec![HashSet::new(); self.files.len()])
+    }
+
+    /// Applies `batch` to state and adds the entities it touched to `touched`: those its
+    /// rows belonged to before the batch, after it, and in between (a loan moved to
+    /// another client touches both; see `touched::row_image_entities`). The pieces of one
+    /// large transaction are applied one by one.
+    pub fn apply(&self, batch: &ChangeBatch, touched: &mut Touched) -> Result<(), FeatureError> {
         let changed = touched::changed_keys(&self.tables, batch);
-        let mut touched: Vec<HashSet<Key>> = self
-            .files
-            .iter()
-            .map(|f| touched::entities(&self.tables, &f.mappings, &changed))
-            .collect();
+        let collect = |touched: &mut Touched| {
+            for (f, set) in self.files.iter().zip(touched.0.iter_mut()) {
+                set.extend(touched::entities(&self.tables, &f.mappings, &changed));
+                set.extend(touched::row_image_entities(
+                    &self.tables,
+                    &f.mappings,
+                    batch,
+                ));
+            }
+        };
+        collect(touched);
         for (t, rows) in batch.tables.iter().enumerate() {
             if let Some(rows) = rows {
                 self.tables[t].write().unwrap().apply(rows)?;
             }
         }
-        for (f, set) in self.files.iter().zip(touched.iter_mut()) {
-            set.extend(touched::entities(&self.tables, &f.mappings, &changed));
-        }
+        collect(touched);
+        Ok(())
+    }
+
+    /// Features of the `touched` entities on the current state, stamped with the commit
+    /// LSN and time of the transaction they reflect.
+    pub async fn compute_touched(
+        &self,
+        touched: Touched,
+        lsn: u64,
+        commit_ts_micros: i64,
+    ) -> Result<Vec<FeatureRows>, FeatureError> {
         let mut out = Vec::new();
-        for (file, entities) in self.files.iter().zip(touched) {
+        for (file, entities) in self.files.iter().zip(touched.0) {
             if entities.is_empty() {
                 continue;
             }
@@ -231,21 +267,14 @@ impl FeatureEngine {
             for (s, keys) in self.scopes.iter().zip(scopes) {
                 *s.write().unwrap() = Scope::Keys(Arc::new(keys));
             }
-            let rows = self
-                .run(
-                    file,
-                    Some(&entities),
-                    batch.commit_lsn,
-                    batch.commit_ts_micros,
-                )
-                .await?;
+            let rows = self.run(file, Some(&entities), lsn, commit_ts_micros).await;
+            for s in &self.scopes {
+                *s.write().unwrap() = Scope::All;
+            }
             out.push(FeatureRows {
                 table: file.def.name.clone(),
-                batch: rows,
+                batch: rows?,
             });
-        }
-        for s in &self.scopes {
-            *s.write().unwrap() = Scope::All;
         }
         Ok(out)
     }

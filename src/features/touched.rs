@@ -6,9 +6,9 @@ use super::FeatureError;
 use crate::batch::{ChangeBatch, OP};
 use crate::config::{FeatureFile, SourceMapping};
 use crate::source::TableSchema;
-use crate::state::{is_key_type, Key, StateTable};
+use crate::state::{is_key_type, key_at, Key, StateTable};
 use arrow::array::AsArray;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 /// How rows of one table lead to entity keys (column positions in that table).
@@ -198,6 +198,111 @@ fn entity_of(
             let ref_idx = tables[*target].index_of(*ref_col).expect("indexed");
             for tpk in tables[*target].lookup(ref_idx, v) {
                 entity_of(tables, mappings, *target, tpk, out);
+            }
+        }
+    }
+}
+
+/// Entities the batch's row images belong to at the moment of their change. With those
+/// of [`entities`] before and after the batch, this covers every state in between: a
+/// loan inserted and deleted within one batch touches its client. For one run that
+/// client's features would not change; but a batch replayed after a crash may be cut
+/// differently from the one whose features were committed (which may have held the
+/// insert only), and the replay must then recompute that client too.
+pub fn row_image_entities(
+    tables: &[Arc<RwLock<StateTable>>],
+    mappings: &[Option<Mapping>],
+    batch: &ChangeBatch,
+) -> HashSet<Key> {
+    let state = read_all(tables);
+    // Batch rows of each table a `Via` mapping looks into, by the referenced column.
+    let mut by_ref: HashMap<(usize, usize), HashMap<Key, Vec<usize>>> = HashMap::new();
+    for m in mappings.iter().flatten() {
+        if let Mapping::Via {
+            target, ref_col, ..
+        } = m
+        {
+            if let Some(rows) = &batch.tables[*target] {
+                let index = by_ref.entry((*target, *ref_col)).or_default();
+                if index.is_empty() {
+                    for i in live_images(rows) {
+                        index
+                            .entry(key_at(rows.column(*ref_col), i))
+                            .or_default()
+                            .push(i);
+                    }
+                }
+            }
+        }
+    }
+    let images = Images {
+        state: &state,
+        mappings,
+        batch,
+        by_ref: &by_ref,
+    };
+    let mut out = HashSet::new();
+    for (t, rows) in batch.tables.iter().enumerate() {
+        let Some(rows) = rows.as_ref().filter(|_| mappings[t].is_some()) else {
+            continue;
+        };
+        for i in live_images(rows) {
+            images.entity_of(t, i, &mut out);
+        }
+    }
+    out
+}
+
+/// Rows of a raw batch that carry a full row image (inserts and updates; a delete
+/// carries only its key, a truncate nothing).
+fn live_images(rows: &arrow::array::RecordBatch) -> impl Iterator<Item = usize> + '_ {
+    let ops = rows
+        .column_by_name(OP)
+        .expect("raw batches have _op")
+        .as_string::<i32>();
+    (0..rows.num_rows()).filter(move |&i| matches!(ops.value(i), "insert" | "update"))
+}
+
+struct Images<'a> {
+    state: &'a [RwLockReadGuard<'a, StateTable>],
+    mappings: &'a [Option<Mapping>],
+    batch: &'a ChangeBatch,
+    by_ref: &'a HashMap<(usize, usize), HashMap<Key, Vec<usize>>>,
+}
+
+impl Images<'_> {
+    /// The entities row `i` of the batch's table `t` maps to, through state and through
+    /// the batch's own rows of the tables it references.
+    fn entity_of(&self, t: usize, i: usize, out: &mut HashSet<Key>) {
+        let rows = self.batch.tables[t].as_ref().expect("row of this batch");
+        match &self.mappings[t] {
+            None => {}
+            Some(Mapping::Column(c)) => {
+                let k = key_at(rows.column(*c), i);
+                if k != Key::Null {
+                    out.insert(k);
+                }
+            }
+            Some(Mapping::Via {
+                col,
+                target,
+                ref_col,
+            }) => {
+                let v = key_at(rows.column(*col), i);
+                if v == Key::Null {
+                    return;
+                }
+                let ref_idx = self.state[*target].index_of(*ref_col).expect("indexed");
+                for tpk in self.state[*target].lookup(ref_idx, &v) {
+                    entity_of(self.state, self.mappings, *target, tpk, out);
+                }
+                let in_batch = self
+                    .by_ref
+                    .get(&(*target, *ref_col))
+                    .and_then(|m| m.get(&v));
+                for &j in in_batch.into_iter().flatten() {
+                    self.entity_of(*target, j, out);
+                }
             }
         }
     }

@@ -8,6 +8,7 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
+use deltalake::writer::DeltaWriter;
 use deltalake::DeltaTable;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,8 +16,10 @@ use std::time::Instant;
 
 mod lake;
 mod maintain;
+mod staged;
 pub use lake::Lake;
 pub use maintain::{maintain_table, Maintainer, MaintenanceConfig, MaintenanceReport};
+pub use staged::StagedFiles;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -41,6 +44,15 @@ pub enum SinkError {
 }
 
 impl SinkError {
+    /// The lake table the error is about, if it is about one.
+    pub fn table(&self) -> Option<&str> {
+        match self {
+            SinkError::Delta { table, .. } | SinkError::Schema { table, .. } => Some(table),
+            SinkError::Unknown(t) | SinkError::Missing(t) => Some(t),
+            SinkError::Url { .. } | SinkError::Store { .. } => None,
+        }
+    }
+
     /// Errors a retry may cure: the object store unreachable or failing, a commit race.
     /// Schema, URL and data errors are not.
     pub fn is_transient(&self) -> bool {
@@ -254,7 +266,41 @@ impl DeltaSink {
         writes: Vec<(String, Vec<RecordBatch>)>,
         version: u64,
     ) -> Result<(), SinkError> {
-        self.commit_with(writes, version, SaveMode::Append).await
+        self.commit_with(writes, version, SaveMode::Append, StagedFiles::default())
+            .await
+    }
+
+    /// Writes `rows` to files of the table at `path` without committing them: they join
+    /// the table with the commit that is given `staged` (see [`DeltaSink::commit_staged`]).
+    pub async fn stage(
+        &self,
+        staged: &mut StagedFiles,
+        path: &str,
+        rows: &RecordBatch,
+    ) -> Result<(), SinkError> {
+        let entry = self
+            .tables
+            .get(path)
+            .ok_or_else(|| SinkError::Unknown(path.to_string()))?;
+        let table = entry.table.as_ref().expect("no commit in flight");
+        staged.write(path, table, entry.evolves, rows).await
+    }
+
+    /// Like [`DeltaSink::commit`], with the files staged for this version joining the
+    /// commit of their table (one commit per table, as for any batch).
+    pub async fn commit_staged(
+        &mut self,
+        mut writes: Vec<(String, Vec<RecordBatch>)>,
+        version: u64,
+        staged: StagedFiles,
+    ) -> Result<(), SinkError> {
+        for path in staged.writers.keys() {
+            if !writes.iter().any(|(p, _)| p == path) {
+                writes.push((path.clone(), Vec::new()));
+            }
+        }
+        self.commit_with(writes, version, SaveMode::Append, staged)
+            .await
     }
 
     /// Replaces the content of **every** table with `writes` (tables not named become
@@ -280,7 +326,8 @@ impl DeltaSink {
                 batches.push(RecordBatch::new_empty(entry.schema.clone()));
             }
         }
-        self.commit_with(writes, version, SaveMode::Overwrite).await
+        self.commit_with(writes, version, SaveMode::Overwrite, StagedFiles::default())
+            .await
     }
 
     async fn commit_with(
@@ -288,17 +335,35 @@ impl DeltaSink {
         writes: Vec<(String, Vec<RecordBatch>)>,
         version: u64,
         mode: SaveMode,
+        mut staged: StagedFiles,
     ) -> Result<(), SinkError> {
-        let mut jobs = Vec::new();
+        // The rest of a staged transaction joins its files. Cast it first, so that a value
+        // the lake's column cannot hold fails before any table is taken for a commit.
+        let mut prepared = Vec::with_capacity(writes.len());
         for (path, batches) in writes {
-            let entry = self
-                .tables
-                .get_mut(&path)
-                .ok_or_else(|| SinkError::Unknown(path.clone()))?;
-            let empty = batches.iter().all(|b| b.num_rows() == 0);
+            if !self.tables.contains_key(&path) {
+                return Err(SinkError::Unknown(path));
+            }
+            match staged.writers.remove(&path) {
+                Some(w) => {
+                    let conformed = batches
+                        .iter()
+                        .map(|b| staged::conform(&w, &path, b))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    prepared.push((path, conformed, Some(w)));
+                }
+                None => prepared.push((path, batches, None)),
+            }
+        }
+        let mut jobs = Vec::new();
+        for (path, batches, writer) in prepared {
+            let entry = self.tables.get_mut(&path).expect("checked above");
+            let empty = batches.iter().all(|b| b.num_rows() == 0) && writer.is_none();
             if entry.committed >= version || (empty && matches!(mode, SaveMode::Append)) {
+                // Staged files of a version the table holds stay unreferenced (vacuumed).
                 continue;
             }
+            let evolves = entry.evolves;
             let table = entry.table.take().expect("no concurrent commit");
             let app_id = self.app_id.clone();
             let mut txns = vec![Transaction::new(&app_id, version as i64)];
@@ -318,14 +383,34 @@ impl DeltaSink {
                     .with_application_transactions(txns)
                     .with_create_checkpoint(inline_checkpoints);
                 let backup = table.clone();
-                let mut write = table
-                    .write(batches)
-                    .with_save_mode(mode)
-                    .with_commit_properties(props);
-                if let Some(m) = schema_mode {
-                    write = write.with_schema_mode(m);
-                }
-                let result = write.await;
+                let result = match writer {
+                    // Staged files: the rest of the rows join them, one commit for all.
+                    Some(writer) => {
+                        let mut writer = writer.with_commit_properties(props);
+                        let mut table = table;
+                        let mut written = Ok(());
+                        for b in batches {
+                            written = staged::write_conformed(&mut writer, evolves, b).await;
+                            if written.is_err() {
+                                break;
+                            }
+                        }
+                        match written {
+                            Ok(()) => writer.flush_and_commit(&mut table).await.map(|_| table),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    None => {
+                        let mut write = table
+                            .write(batches)
+                            .with_save_mode(mode)
+                            .with_commit_properties(props);
+                        if let Some(m) = schema_mode {
+                            write = write.with_schema_mode(m);
+                        }
+                        write.await
+                    }
+                };
                 match result {
                     Ok(t) => {
                         tracing::debug!(table = %path, rows, version = ?t.version(),

@@ -164,7 +164,7 @@ pub(crate) fn run_once(p: &TestPipeline, what: &str) {
 
 /// Per table: rows in the raw mirror, distinct `(_lsn, _seq, id)`, and streamed changes
 /// (rows after the snapshot, which sits at the lowest `_lsn`).
-async fn raw_change_counts(lake: &Lake, table: &str) -> (i64, i64, i64) {
+pub(crate) async fn raw_change_counts(lake: &Lake, table: &str) -> (i64, i64, i64) {
     let b = read_delta(
         lake,
         &format!("raw/{table}"),
@@ -315,7 +315,10 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
 }
 
 /// `pipeline run --once` with a fault armed (`PIPELINE_CRASH_AT`); returns (exit status, stderr).
-fn run_once_with_fault(p: &TestPipeline, fault: &str) -> (std::process::ExitStatus, String) {
+pub(crate) fn run_once_with_fault(
+    p: &TestPipeline,
+    fault: &str,
+) -> (std::process::ExitStatus, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .args(["run", "--once"])
         .arg(&p.file)
@@ -337,7 +340,7 @@ const TABLES: [&str; 4] = [
 ];
 
 /// Parquet files in the lake's table directories, as `table/file`.
-fn parquet_files(lake_dir: &std::path::Path) -> std::collections::BTreeSet<String> {
+pub(crate) fn parquet_files(lake_dir: &std::path::Path) -> std::collections::BTreeSet<String> {
     let mut out = std::collections::BTreeSet::new();
     for t in TABLES {
         for e in std::fs::read_dir(lake_dir.join(t)).unwrap() {
@@ -351,7 +354,7 @@ fn parquet_files(lake_dir: &std::path::Path) -> std::collections::BTreeSet<Strin
 }
 
 /// Parquet files the lake's tables reference, as `table/file`.
-async fn referenced_files(lake: &Lake) -> std::collections::BTreeSet<String> {
+pub(crate) async fn referenced_files(lake: &Lake) -> std::collections::BTreeSet<String> {
     let mut out = std::collections::BTreeSet::new();
     for t in TABLES {
         let table = lake.existing_table(t).await.unwrap();
@@ -426,6 +429,57 @@ async fn crashes_at_the_commit_boundaries_lose_and_double_nothing() {
         }
     }
     assert_lake_equals_postgres(&p, &client, transactions).await;
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&p.slot])
+        .await
+        .unwrap();
+}
+
+/// A batch replayed after a crash may be cut differently from the first time. Here the
+/// first run commits a new client's loan everywhere (its features count the loan) and is
+/// killed before the acknowledgement; the loan is then deleted; the replay gets both
+/// transactions in one batch, where the loan is inserted and deleted. The client must be
+/// recomputed from that batch's row images, or it keeps the loan in its features.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_cut_differently_recomputes_entities_touched_in_between() {
+    let (info, client) = audited_db("pt_replay_cut").await;
+    let p = pipeline_file(&info, "replay_cut", Some(AS_OF));
+    // A client without loans, in the snapshot.
+    client
+        .batch_execute(
+            "INSERT INTO \"user\" (id, created_on, first_name)
+               SELECT max(id) + 1, DATE '2020-08-01', 'Ann' FROM \"user\"",
+        )
+        .await
+        .unwrap();
+    run_once(&p, "--once snapshot");
+    // The audit counts streamed changes only.
+    client
+        .batch_execute("DELETE FROM audit_changes")
+        .await
+        .unwrap();
+    // Her first loan, issued in the 90-day window: her profit rate becomes 0.0.
+    client
+        .batch_execute(
+            "INSERT INTO loan SELECT max(l.id) + 1, (SELECT max(id) FROM \"user\"), 1000,
+               DATE '2020-08-20', 30, NULL, 'active', NULL FROM loan l",
+        )
+        .await
+        .unwrap();
+    // Committed to raw/loan and the features, then killed before the acknowledgement:
+    // raw/user and raw/payment stay at the snapshot, so the replay starts there.
+    let (status, stderr) = run_once_with_fault(&p, "before_ack:1");
+    assert!(
+        !status.success() && stderr.contains("aborting at `before_ack`"),
+        "the crash before the acknowledgement was not reached ({status}): {stderr}"
+    );
+    client
+        .batch_execute("DELETE FROM loan WHERE id = (SELECT max(id) FROM loan)")
+        .await
+        .unwrap();
+    run_once(&p, "--once replaying both transactions");
+    // Without her loan again: NULL, not the 0.0 of the first run.
+    assert_lake_equals_postgres(&p, &client, 2).await;
     client
         .execute("SELECT pg_drop_replication_slot($1)", &[&p.slot])
         .await

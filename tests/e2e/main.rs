@@ -2,6 +2,7 @@
 //! One test binary (each links the whole dependency tree).
 
 mod faults;
+mod large_txn;
 mod maintain;
 mod s3;
 mod schema;

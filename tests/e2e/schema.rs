@@ -258,7 +258,10 @@ async fn a_column_type_change_is_cast_to_the_lake_or_stops_naming_the_raw_table(
         .expect("the pipeline must stop on its own")
         .unwrap()
         .expect_err("'not a date' cannot go into a date column");
-    assert!(err.to_string().contains("raw/loan"), "{err}");
+    assert!(
+        err.to_string().contains("raw/loan") && err.to_string().contains("pipeline resnapshot"),
+        "{err}"
+    );
     assert_eq!(
         loan_amounts(&p.lake, 2).await.len(),
         1,

@@ -60,7 +60,7 @@ pub async fn seeded_db_at(
 
 pub struct TestPipeline {
     /// Keeps the pipeline file (and a local lake) alive for the test.
-    _tmp: tempfile::TempDir,
+    tmp: Option<tempfile::TempDir>,
     /// The temporary directory holding the pipeline file; a local lake is `<dir>/lake`.
     pub dir: PathBuf,
     pub file: PathBuf,
@@ -104,7 +104,7 @@ pub fn pipeline_file_with_lake(
     let file = dir.join("pipeline.yaml");
     std::fs::write(&file, yaml).unwrap();
     TestPipeline {
-        _tmp: tmp,
+        tmp: Some(tmp),
         lake: Lake::new(&url, &options).unwrap(),
         dir,
         file,
@@ -115,6 +115,14 @@ pub fn pipeline_file_with_lake(
 impl TestPipeline {
     pub fn load(&self) -> Pipeline {
         Pipeline::load(&self.file).unwrap()
+    }
+
+    /// Keeps the directory (pipeline file, lake, logs) after the test, for a post-mortem.
+    pub fn keep(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            std::mem::forget(tmp);
+            eprintln!("kept {} for inspection", self.dir.display());
+        }
     }
 }
 
@@ -283,19 +291,31 @@ pub async fn wait_until_oracle_matches(
     as_of: &str,
     timeout: Duration,
 ) {
+    if let Err(d) = oracle_matches_within(lake, client, as_of, timeout).await {
+        panic!("{d}");
+    }
+}
+
+/// As `wait_until_oracle_matches`, returning the difference instead of failing.
+pub async fn oracle_matches_within(
+    lake: &Lake,
+    client: &tokio_postgres::Client,
+    as_of: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     let want = oracle(client, as_of).await;
     let started = Instant::now();
     loop {
         let got = latest_features(lake).await;
         let d = diff(&got, &want, 10);
         if d.is_empty() {
-            return;
+            return Ok(());
         }
         if started.elapsed() > timeout {
-            panic!(
+            return Err(format!(
                 "lake does not match the oracle after {timeout:?}:\n{}",
                 d.join("\n")
-            );
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
