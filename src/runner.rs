@@ -495,6 +495,7 @@ async fn run_stages(
                     touched: engine.no_entities(),
                 });
                 stage_piece(&engine, &sink, &schemas, &mut batch, txn).await?;
+                summary.changes += batch.rows;
                 continue;
             }
             if large.is_some() && batch.transactions != 1 {

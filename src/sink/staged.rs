@@ -7,13 +7,18 @@ use super::SinkError;
 use arrow::array::RecordBatch;
 use arrow::compute::CastOptions;
 use arrow::datatypes::{Schema, SchemaRef};
+use deltalake::parquet::basic::Compression;
+use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
 use deltalake::DeltaTable;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// Largest staged Parquet file: bounds what one table's writer buffers before uploading.
+/// Largest staged Parquet file (it is uploaded in parts as it grows).
 const STAGED_FILE_BYTES: u64 = 32 * 1024 * 1024;
+/// Largest row group: parquet holds the one being built in memory, and its default
+/// (a million rows) would let memory follow a large transaction after all.
+const STAGED_ROW_GROUP_BYTES: usize = 8 * 1024 * 1024;
 
 /// Per table, the open writer holding a transaction's files written so far.
 #[derive(Default)]
@@ -45,8 +50,14 @@ impl StagedFiles {
             source,
         };
         if !self.writers.contains_key(path) {
+            let properties = WriterProperties::builder()
+                .set_created_by(format!("pipeline {}", env!("CARGO_PKG_VERSION")))
+                .set_compression(Compression::SNAPPY)
+                .set_max_row_group_bytes(Some(STAGED_ROW_GROUP_BYTES))
+                .build();
             let writer = RecordBatchWriter::for_table(table)
                 .map_err(derr)?
+                .with_writer_properties(properties)
                 .with_target_file_size(STAGED_FILE_BYTES);
             self.writers.insert(path.to_string(), writer);
         }
