@@ -83,8 +83,9 @@ pub struct ChangeBatch {
     /// Set on the batch that closes a `--once` run.
     pub last: bool,
     /// The batch is a piece of one transaction larger than `max_rows` whose rest follows
-    /// in the next batch(es); the last piece has this unset and `transactions == 1`.
-    /// Nothing of a piece may be committed or acknowledged before that last piece.
+    /// in the next batch(es). The first batch after the pieces without this flag holds the
+    /// transaction's end (and maybe transactions committed after it). Nothing of a piece
+    /// may be committed or acknowledged before that batch.
     pub continues: bool,
     /// Per table, the `(row, column)` cells of updates whose TOASTed value pgoutput did
     /// not send because it did not change: NULL in `tables` until filled from state.

@@ -498,7 +498,7 @@ async fn run_stages(
                 summary.changes += batch.rows;
                 continue;
             }
-            if large.is_some() && batch.transactions != 1 {
+            if large.is_some() && batch.transactions == 0 {
                 return Err(RunError::Inconsistent(
                     "a large transaction's pieces were not followed by its end".into(),
                 ));

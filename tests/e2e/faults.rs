@@ -122,11 +122,11 @@ pub(crate) async fn wait_slot_released(client: &tokio_postgres::Client, slot: &s
 }
 
 /// Starts `pipeline run`, kills it with SIGKILL after `delay`.
-pub(crate) fn run_and_kill(p: &TestPipeline, delay: Duration, log: &std::path::Path) {
+pub(crate) fn run_and_kill(p: &TestPipeline, delay: Duration, log_path: &std::path::Path) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(log)
+        .open(log_path)
         .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .arg("run")
@@ -141,10 +141,14 @@ pub(crate) fn run_and_kill(p: &TestPipeline, delay: Duration, log: &std::path::P
         child.kill().unwrap(); // SIGKILL
     }
     let status = child.wait().unwrap();
-    assert!(
-        status.code().is_none_or(|c| c == 0),
-        "pipeline failed on its own ({status}) before being killed"
-    );
+    if !status.code().is_none_or(|c| c == 0) {
+        let log = std::fs::read_to_string(log_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        panic!(
+            "pipeline failed on its own ({status}) before being killed; its log ends:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
 }
 
 /// `pipeline run --once`, which must succeed.
@@ -284,11 +288,20 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| chrono::Utc::now().timestamp_micros() as u64);
-    eprintln!("kill -9 test: rounds={rounds} seed={seed} (FAULT_ROUNDS / FAULT_SEED)");
+    eprintln!(
+        "kill -9 test: rounds={rounds} seed={seed} (FAULT_ROUNDS / FAULT_SEED / FAULT_MAX_ROWS)"
+    );
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
 
     let (info, client) = audited_db("pt_kill").await;
     let p = pipeline_file(&info, "kill", Some(AS_OF));
+    // FAULT_MAX_ROWS: a small batch size sends most transactions through the pieces of
+    // large transactions (e.g. 3).
+    if let Ok(max_rows) = std::env::var("FAULT_MAX_ROWS") {
+        let yaml = std::fs::read_to_string(&p.file).unwrap();
+        let yaml = yaml.replace("max_rows: 100000", &format!("max_rows: {max_rows}"));
+        std::fs::write(&p.file, yaml).unwrap();
+    }
     let log = p.dir.join("runs.log");
 
     // Killed during the initial snapshot (or just after it), before any load.
