@@ -141,7 +141,7 @@ pub(crate) fn run_and_kill(p: &TestPipeline, delay: Duration, log_path: &std::pa
         child.kill().unwrap(); // SIGKILL
     }
     let status = child.wait().unwrap();
-    if !status.code().is_none_or(|c| c == 0) {
+    if status.code().is_some_and(|c| c != 0) {
         let log = std::fs::read_to_string(log_path).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(15).collect();
         panic!(
