@@ -92,6 +92,14 @@ fn run_measured(cmd: &mut Command) -> (Duration, f64) {
     (wall, usage.ru_maxrss as f64 / 1024.0)
 }
 
+/// A numeric setting from the environment, or `default`.
+fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -103,14 +111,8 @@ fn main() {
         .unwrap_or_else(|_| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/dumps/de_test_task_db")
         });
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let changes: usize = std::env::var("BENCH_CHANGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let runs: usize = knob("BENCH_RUNS", 3);
+    let changes: usize = knob("BENCH_CHANGES", 200);
     let url = format!("{}/bench_dump", pg_base());
 
     eprintln!("restoring {} into bench_dump …", dump.display());
@@ -217,30 +219,21 @@ fn main() {
 
     // 4. Catch-up after a backlog of changes made while the pipeline was down, next to
     //    pg_recvlogical draining the same backlog from its own slot (the floor).
-    let backlog: i64 = std::env::var("BENCH_BACKLOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let backlog: i64 = knob("BENCH_BACKLOG", 1_000_000);
     if backlog > 0 {
         catch_up(&url, backlog);
     }
 
     // 5. A feature table after many small commits and maintenance, read from Python,
     //    against the same rows written in one commit.
-    let commits: u64 = std::env::var("BENCH_COMMITS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+    let commits: u64 = knob("BENCH_COMMITS", 10_000);
     if commits > 0 {
         read_after_many_commits(&url, commits);
     }
 
     // 6. One source transaction far larger than a batch, caught up by `run --once`:
     //    memory must not follow its size (it is handed on in pieces of `max_rows`).
-    let large: i64 = std::env::var("BENCH_LARGE_TXN_ROWS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let large: i64 = knob("BENCH_LARGE_TXN_ROWS", 1_000_000);
     if large > 0 {
         large_transaction(&url, large);
     }

@@ -540,62 +540,102 @@ mod tests {
         }
     }
 
+    /// The batcher's state between events, fed by hand.
+    struct Harness {
+        schemas: Vec<TableSchema>,
+        opts: BatcherOptions,
+        builders: Vec<TableBuilder>,
+        open: Option<OpenTxn>,
+        pending: Pending,
+    }
+
+    impl Harness {
+        fn new(max_rows: usize, skip_through: u64, fence: Option<&str>) -> Harness {
+            let schemas = vec![schema()];
+            let builders = schemas.iter().map(TableBuilder::new).collect();
+            Harness {
+                schemas,
+                opts: BatcherOptions {
+                    interval: Duration::from_millis(200),
+                    max_rows,
+                    skip_through,
+                    fence_token: fence.map(String::from),
+                },
+                builders,
+                open: None,
+                pending: Pending::default(),
+            }
+        }
+
+        fn feed(&mut self, ev: SourceEvent) -> bool {
+            handle_event(
+                ev,
+                &self.schemas,
+                &self.opts,
+                &mut self.builders,
+                &mut self.open,
+                &mut self.pending,
+            )
+        }
+
+        fn begin(&mut self, commit_lsn: u64, ts: i64) {
+            self.feed(SourceEvent::Begin {
+                commit_lsn,
+                commit_ts_micros: ts,
+            });
+        }
+
+        fn commit(&mut self, commit_lsn: u64, end_lsn: u64, ts: i64) {
+            self.feed(SourceEvent::Commit {
+                commit_lsn,
+                end_lsn,
+                commit_ts_micros: ts,
+            });
+        }
+
+        fn cut(&mut self) -> ChangeBatch {
+            self.pending.cut(&mut self.builders, false)
+        }
+
+        /// The open transaction's staged changes as a piece, when they fill one.
+        fn piece_if_full(&mut self) -> Option<ChangeBatch> {
+            let t = self.open.as_mut()?;
+            t.piece_full(self.opts.max_rows)
+                .then(|| piece(t, &self.schemas, &mut self.builders, &mut self.pending))
+        }
+    }
+
+    fn column_i64(b: &ChangeBatch, name: &str) -> Vec<i64> {
+        let t = b.tables[0].as_ref().unwrap();
+        let c = t.column_by_name(name).unwrap();
+        c.as_primitive::<arrow::datatypes::Int64Type>()
+            .values()
+            .to_vec()
+    }
+
     #[test]
     fn batches_hold_whole_transactions_in_order_and_skip_committed_ones() {
-        let schemas = vec![schema()];
-        let opts = BatcherOptions {
-            interval: Duration::from_millis(200),
-            max_rows: 10,
-            skip_through: 100,
-            fence_token: Some("f".into()),
-        };
-        let mut builders: Vec<TableBuilder> = schemas.iter().map(TableBuilder::new).collect();
-        let (mut open, mut pending) = (None, Pending::default());
-        let mut feed =
-            |ev| handle_event(ev, &schemas, &opts, &mut builders, &mut open, &mut pending);
+        let mut h = Harness::new(10, 100, Some("f"));
         // Already in the lake (end 90 <= 100): skipped.
-        feed(SourceEvent::Begin {
-            commit_lsn: 80,
-            commit_ts_micros: 1,
-        });
-        feed(change("1", Op::Insert));
-        feed(SourceEvent::Commit {
-            commit_lsn: 80,
-            end_lsn: 90,
-            commit_ts_micros: 1,
-        });
+        h.begin(80, 1);
+        h.feed(change("1", Op::Insert));
+        h.commit(80, 90, 1);
         // Two new transactions.
-        feed(SourceEvent::Begin {
-            commit_lsn: 110,
-            commit_ts_micros: 2,
-        });
-        feed(change("2", Op::Insert));
-        feed(change("2", Op::Update));
-        feed(SourceEvent::Commit {
-            commit_lsn: 110,
-            end_lsn: 120,
-            commit_ts_micros: 2,
-        });
-        feed(SourceEvent::Begin {
-            commit_lsn: 130,
-            commit_ts_micros: 3,
-        });
-        feed(change("3", Op::Delete));
-        assert!(!feed(SourceEvent::Fence {
+        h.begin(110, 2);
+        h.feed(change("2", Op::Insert));
+        h.feed(change("2", Op::Update));
+        h.commit(110, 120, 2);
+        h.begin(130, 3);
+        h.feed(change("3", Op::Delete));
+        assert!(!h.feed(SourceEvent::Fence {
             token: "other".into()
         }));
         // Open transaction: not in the batch yet.
-        assert_eq!(pending.txns, 1);
-        let mut feed =
-            |ev| handle_event(ev, &schemas, &opts, &mut builders, &mut open, &mut pending);
-        feed(SourceEvent::Commit {
-            commit_lsn: 130,
-            end_lsn: 140,
-            commit_ts_micros: 3,
-        });
-        assert!(feed(SourceEvent::Fence { token: "f".into() }));
+        assert_eq!(h.pending.txns, 1);
+        h.commit(130, 140, 3);
+        assert!(h.feed(SourceEvent::Fence { token: "f".into() }));
 
-        let b = pending.cut(&mut builders, false);
+        let b = h.cut();
         assert_eq!(
             (b.transactions, b.rows, b.end_lsn, b.commit_lsn),
             (2, 3, 140, 130)
@@ -611,107 +651,32 @@ mod tests {
             .flatten()
             .collect();
         assert_eq!(ops, vec!["insert", "update", "delete"]);
-        let lsns = t
-            .column_by_name(LSN)
-            .unwrap()
-            .as_primitive::<arrow::datatypes::Int64Type>();
-        assert_eq!(lsns.values().to_vec(), vec![110, 110, 130]);
-        let seqs = t
-            .column_by_name(SEQ)
-            .unwrap()
-            .as_primitive::<arrow::datatypes::Int64Type>();
-        assert_eq!(seqs.values().to_vec(), vec![0, 1, 0]);
+        assert_eq!(column_i64(&b, LSN), vec![110, 110, 130]);
+        assert_eq!(column_i64(&b, SEQ), vec![0, 1, 0]);
         // The next cut starts empty.
-        assert!(pending.cut(&mut builders, false).tables[0].is_none());
+        assert!(h.cut().tables[0].is_none());
     }
 
     #[test]
     fn a_transaction_larger_than_max_rows_is_handed_on_in_pieces_then_committed_whole() {
-        let schemas = vec![schema()];
-        let opts = BatcherOptions {
-            interval: Duration::from_millis(200),
-            max_rows: 2,
-            skip_through: 100,
-            fence_token: None,
-        };
-        let mut builders: Vec<TableBuilder> = schemas.iter().map(TableBuilder::new).collect();
-        let (mut open, mut pending) = (None, Pending::default());
+        let mut h = Harness::new(2, 100, None);
         // Starts before the resume point: in the lake already, so nothing is staged.
-        handle_event(
-            SourceEvent::Begin {
-                commit_lsn: 90,
-                commit_ts_micros: 1,
-            },
-            &schemas,
-            &opts,
-            &mut builders,
-            &mut open,
-            &mut pending,
-        );
+        h.begin(90, 1);
         for _ in 0..5 {
-            handle_event(
-                change("1", Op::Insert),
-                &schemas,
-                &opts,
-                &mut builders,
-                &mut open,
-                &mut pending,
-            );
+            h.feed(change("1", Op::Insert));
         }
-        assert!(open.as_ref().unwrap().changes.is_empty());
-        handle_event(
-            SourceEvent::Commit {
-                commit_lsn: 90,
-                end_lsn: 95,
-                commit_ts_micros: 1,
-            },
-            &schemas,
-            &opts,
-            &mut builders,
-            &mut open,
-            &mut pending,
-        );
-        assert_eq!(pending.txns, 0);
+        assert!(h.open.as_ref().unwrap().changes.is_empty());
+        h.commit(90, 95, 1);
+        assert_eq!(h.pending.txns, 0);
 
-        handle_event(
-            SourceEvent::Begin {
-                commit_lsn: 200,
-                commit_ts_micros: 7,
-            },
-            &schemas,
-            &opts,
-            &mut builders,
-            &mut open,
-            &mut pending,
-        );
+        h.begin(200, 7);
         let mut pieces = Vec::new();
         for id in ["1", "2", "3", "4", "5"] {
-            handle_event(
-                change(id, Op::Update),
-                &schemas,
-                &opts,
-                &mut builders,
-                &mut open,
-                &mut pending,
-            );
-            let t = open.as_mut().unwrap();
-            if t.piece_full(opts.max_rows) {
-                pieces.push(piece(t, &schemas, &mut builders, &mut pending));
-            }
+            h.feed(change(id, Op::Update));
+            pieces.extend(h.piece_if_full());
         }
-        handle_event(
-            SourceEvent::Commit {
-                commit_lsn: 200,
-                end_lsn: 210,
-                commit_ts_micros: 7,
-            },
-            &schemas,
-            &opts,
-            &mut builders,
-            &mut open,
-            &mut pending,
-        );
-        let last = pending.cut(&mut builders, false);
+        h.commit(200, 210, 7);
+        let last = h.cut();
         assert_eq!(pieces.len(), 2);
         for p in &pieces {
             assert!(p.continues);
@@ -723,13 +688,7 @@ mod tests {
         let seqs: Vec<i64> = pieces
             .iter()
             .chain([&last])
-            .flat_map(|b| {
-                let t = b.tables[0].as_ref().unwrap();
-                let seq = t.column_by_name(SEQ).unwrap();
-                seq.as_primitive::<arrow::datatypes::Int64Type>()
-                    .values()
-                    .to_vec()
-            })
+            .flat_map(|b| column_i64(b, SEQ))
             .collect();
         assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
     }

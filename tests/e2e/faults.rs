@@ -77,6 +77,18 @@ async fn random_transaction(client: &mut tokio_postgres::Client, rng: &mut ChaCh
     tx.commit().await.unwrap();
 }
 
+/// Inserts one client (the next id) in a transaction of its own.
+pub(crate) async fn add_user(client: &tokio_postgres::Client, created_on: &str, name: &str) {
+    client
+        .execute(
+            "INSERT INTO \"user\" (id, created_on, first_name) \
+             SELECT max(id) + 1, $1::text::date, $2::text FROM \"user\"",
+            &[&created_on, &name],
+        )
+        .await
+        .unwrap();
+}
+
 /// Runs random transactions until `stop`; returns how many committed.
 pub(crate) fn spawn_load(
     url: String,
@@ -458,13 +470,7 @@ async fn a_replay_cut_differently_recomputes_entities_touched_in_between() {
     let (info, client) = audited_db("pt_replay_cut").await;
     let p = pipeline_file(&info, "replay_cut", Some(AS_OF));
     // A client without loans, in the snapshot.
-    client
-        .batch_execute(
-            "INSERT INTO \"user\" (id, created_on, first_name)
-               SELECT max(id) + 1, DATE '2020-08-01', 'Ann' FROM \"user\"",
-        )
-        .await
-        .unwrap();
+    add_user(&client, "2020-08-01", "Ann").await;
     run_once(&p, "--once snapshot");
     // The audit counts streamed changes only.
     client

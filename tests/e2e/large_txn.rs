@@ -3,8 +3,8 @@
 //! the pieces commits nothing of it, and the retry commits the transaction exactly once.
 
 use crate::faults::{
-    assert_lake_equals_postgres, audited_db, parquet_files, raw_change_counts, referenced_files,
-    run_once, run_once_with_fault,
+    add_user, assert_lake_equals_postgres, audited_db, parquet_files, raw_change_counts,
+    referenced_files, run_once, run_once_with_fault,
 };
 use crate::support::*;
 use std::process::Command;
@@ -35,13 +35,7 @@ async fn a_transaction_larger_than_a_batch_is_committed_once_after_a_crash_betwe
     let changes = count(&client, "SELECT count(*) FROM audit_changes").await;
     assert!(changes > 5_000, "the transaction is only {changes} rows");
     // A small one right after: it lands in the batch that carries the large one's end.
-    client
-        .batch_execute(
-            "INSERT INTO \"user\" (id, created_on, first_name)
-               SELECT max(id) + 1, DATE '2020-08-21', 'Ola' FROM \"user\"",
-        )
-        .await
-        .unwrap();
+    add_user(&client, "2020-08-21", "Ola").await;
 
     // Killed after the third piece was applied and written ahead.
     let lake_dir = p.dir.join("lake");
