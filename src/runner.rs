@@ -600,10 +600,7 @@ async fn stage_piece(
 ) -> Result<(), RunError> {
     engine.fill_unchanged_toast(batch)?;
     engine.apply(batch, &mut txn.touched)?;
-    for (schema, rows) in schemas.iter().zip(&batch.tables) {
-        let Some(rows) = rows else { continue };
-        let path = raw_path(schema);
-        let rows = not_yet_committed(rows, sink.committed(&path))?;
+    for (path, rows) in raw_writes(sink, schemas, batch)? {
         sink.stage(&mut txn.staged, &path, &rows)
             .await
             .map_err(raw_write_error)?;
@@ -635,19 +632,32 @@ async fn process_batch(
     let features = engine
         .compute_touched(touched, batch.commit_lsn, batch.commit_ts_micros)
         .await?;
-    let mut writes = Vec::new();
-    for (schema, rows) in schemas.iter().zip(&batch.tables) {
-        let Some(rows) = rows else { continue };
-        let path = raw_path(schema);
-        // After a crash between table commits, keep only transactions this table lacks.
-        let rows = not_yet_committed(rows, sink.committed(&path))?;
-        writes.push((path, vec![rows]));
-    }
+    let mut writes: Vec<(String, Vec<RecordBatch>)> = raw_writes(sink, schemas, batch)?
+        .into_iter()
+        .map(|(path, rows)| (path, vec![rows]))
+        .collect();
     writes.extend(feature_writes(features));
     sink.commit_staged(writes, batch.end_lsn, staged)
         .await
         .map_err(raw_write_error)?;
     Ok(())
+}
+
+/// The batch's raw rows by raw-table path. After a crash between table commits, a table
+/// keeps only the transactions it lacks.
+fn raw_writes(
+    sink: &DeltaSink,
+    schemas: &[TableSchema],
+    batch: &ChangeBatch,
+) -> Result<Vec<(String, RecordBatch)>, RunError> {
+    let mut out = Vec::new();
+    for (schema, rows) in schemas.iter().zip(&batch.tables) {
+        let Some(rows) = rows else { continue };
+        let path = raw_path(schema);
+        let rows = not_yet_committed(rows, sink.committed(&path))?;
+        out.push((path, rows));
+    }
+    Ok(out)
 }
 
 /// A raw table refusing a batch for good (not the store being away) gets the way out.

@@ -388,17 +388,14 @@ impl DeltaSink {
                     Some(writer) => {
                         let mut writer = writer.with_commit_properties(props);
                         let mut table = table;
-                        let mut written = Ok(());
-                        for b in batches {
-                            written = staged::write_conformed(&mut writer, evolves, b).await;
-                            if written.is_err() {
-                                break;
+                        async {
+                            for b in batches {
+                                staged::write_conformed(&mut writer, evolves, b).await?;
                             }
+                            writer.flush_and_commit(&mut table).await
                         }
-                        match written {
-                            Ok(()) => writer.flush_and_commit(&mut table).await.map(|_| table),
-                            Err(e) => Err(e),
-                        }
+                        .await
+                        .map(|_| table)
                     }
                     None => {
                         let mut write = table

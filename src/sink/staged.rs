@@ -33,10 +33,6 @@ impl StagedFiles {
         self.rows
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.writers.is_empty()
-    }
-
     /// Encodes `rows` into files of `table` (at `path`), opening its writer on first use.
     pub(super) async fn write(
         &mut self,

@@ -339,6 +339,17 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
         .unwrap();
 }
 
+/// `pipeline run --once` armed with `fault` (`<point>[:<n>]`), which must abort the
+/// process at that point.
+pub(crate) fn run_once_crashing_at(p: &TestPipeline, fault: &str) {
+    let (status, stderr) = run_once_with_fault(p, fault);
+    let point = fault.split(':').next().unwrap();
+    assert!(
+        !status.success() && stderr.contains(&format!("aborting at `{point}`")),
+        "{fault}: the crash point was not reached ({status}): {stderr}"
+    );
+}
+
 /// `pipeline run --once` with a fault armed (`PIPELINE_CRASH_AT`); returns (exit status, stderr).
 pub(crate) fn run_once_with_fault(
     p: &TestPipeline,
@@ -417,19 +428,16 @@ async fn crashes_at_the_commit_boundaries_lose_and_double_nothing() {
         transactions += load.await.unwrap();
 
         let files_before = parquet_files(&lake_dir);
-        let (status, stderr) = run_once_with_fault(&p, fault);
         let point = fault.split(':').next().unwrap();
         if point == "lost_commit_reply" {
+            let (status, stderr) = run_once_with_fault(&p, fault);
             assert!(status.success(), "{fault}: {stderr}");
             assert!(
                 stderr.contains("treating it as committed"),
                 "{fault}: the lost reply was not recognised by the txn version: {stderr}"
             );
         } else {
-            assert!(
-                !status.success() && stderr.contains(&format!("aborting at `{point}`")),
-                "{fault}: the crash point was not reached ({status}): {stderr}"
-            );
+            run_once_crashing_at(&p, fault);
         }
         if point == "before_delta_commit" {
             let referenced = referenced_files(&p.lake).await;
@@ -487,11 +495,7 @@ async fn a_replay_cut_differently_recomputes_entities_touched_in_between() {
         .unwrap();
     // Committed to raw/loan and the features, then killed before the acknowledgement:
     // raw/user and raw/payment stay at the snapshot, so the replay starts there.
-    let (status, stderr) = run_once_with_fault(&p, "before_ack:1");
-    assert!(
-        !status.success() && stderr.contains("aborting at `before_ack`"),
-        "the crash before the acknowledgement was not reached ({status}): {stderr}"
-    );
+    run_once_crashing_at(&p, "before_ack:1");
     client
         .batch_execute("DELETE FROM loan WHERE id = (SELECT max(id) FROM loan)")
         .await

@@ -4,7 +4,7 @@
 
 use crate::faults::{
     add_user, assert_lake_equals_postgres, audited_db, parquet_files, raw_change_counts,
-    referenced_files, run_once, run_once_with_fault,
+    referenced_files, run_once, run_once_crashing_at,
 };
 use crate::support::*;
 use std::process::Command;
@@ -40,11 +40,7 @@ async fn a_transaction_larger_than_a_batch_is_committed_once_after_a_crash_betwe
     // Killed after the third piece was applied and written ahead.
     let lake_dir = p.dir.join("lake");
     let before = parquet_files(&lake_dir);
-    let (status, stderr) = run_once_with_fault(&p, "large_txn_piece:3");
-    assert!(
-        !status.success() && stderr.contains("aborting at `large_txn_piece`"),
-        "the crash between pieces was not reached ({status}): {stderr}"
-    );
+    run_once_crashing_at(&p, "large_txn_piece:3");
     let referenced = referenced_files(&p.lake).await;
     let orphans: Vec<String> = parquet_files(&lake_dir)
         .difference(&before)
