@@ -48,6 +48,9 @@ pub const LSN: &str = "_lsn";
 pub const COMPUTED_AT: &str = "computed_at";
 pub const DELETED: &str = "_deleted";
 
+/// Entities per query when computing every entity's features (after a snapshot).
+const ALL_ENTITIES_CHUNK: usize = 16_384;
+
 /// One feature file, planned.
 struct CompiledFile {
     def: FeatureFile,
@@ -177,12 +180,21 @@ impl FeatureEngine {
             .unwrap_or_else(|| commit_ts_micros.div_euclid(86_400_000_000) as i32)
     }
 
+    /// Announces that `rows` rows of `table` are about to be loaded (see
+    /// [`StateTable::expect_rows`]).
+    pub fn expect_rows(&self, table: usize, rows: usize) {
+        self.tables[table].write().unwrap().expect_rows(rows);
+    }
+
     /// Loads snapshot rows (or rows rebuilt from the lake) without computing features.
     pub fn load(&self, table: usize, rows: &RecordBatch) -> Result<(), FeatureError> {
         Ok(self.tables[table].write().unwrap().apply(rows)?)
     }
 
-    /// Features of every entity (after the initial snapshot).
+    /// Features of every entity (after the initial snapshot). Computed for
+    /// [`ALL_ENTITIES_CHUNK`] entities at a time through the same indexed scopes as a
+    /// change batch, so that memory follows the chunk rather than the tables (a query
+    /// over whole tables would hold every table's rows and join state at once).
     pub async fn compute_all(
         &self,
         lsn: u64,
@@ -190,16 +202,47 @@ impl FeatureEngine {
     ) -> Result<Vec<FeatureRows>, FeatureError> {
         let mut out = Vec::new();
         for file in &self.files {
-            for s in &self.scopes {
-                *s.write().unwrap() = Scope::All;
+            let entities = self.entity_keys(file);
+            let mut batches = Vec::with_capacity(entities.len().div_ceil(ALL_ENTITIES_CHUNK));
+            for chunk in entities.chunks(ALL_ENTITIES_CHUNK) {
+                let chunk: HashSet<Key> = chunk.iter().cloned().collect();
+                batches.push(
+                    self.compute_for(file, &chunk, lsn, commit_ts_micros)
+                        .await?,
+                );
             }
-            let batch = self.run(file, None, lsn, commit_ts_micros).await?;
+            let batch =
+                arrow::compute::concat_batches(&file.schema, &batches).map_err(|source| {
+                    FeatureError::Arrow {
+                        table: file.def.name.clone(),
+                        source,
+                    }
+                })?;
             out.push(FeatureRows {
                 table: file.def.name.clone(),
                 batch,
             });
         }
         Ok(out)
+    }
+
+    /// Every entity of `file`: the distinct non-NULL keys of its entity table.
+    fn entity_keys(&self, file: &CompiledFile) -> Vec<Key> {
+        let (t, mapping) = file
+            .mappings
+            .iter()
+            .enumerate()
+            .find_map(|(t, m)| {
+                let table = self.tables[t].read().unwrap();
+                (table.name() == file.def.entity.table).then(|| (t, m.clone()))
+            })
+            .expect("the entity table is a source table (validated)");
+        let Some(Mapping::Column(c)) = mapping else {
+            unreachable!("the entity table maps itself through entity.table_key")
+        };
+        let table = self.tables[t].read().unwrap();
+        let idx = table.index_of(c).expect("mapping columns are indexed");
+        table.indexed_values(idx)
     }
 
     /// Replaces the unchanged-TOAST placeholders of `batch` by the values the rows had
@@ -263,26 +306,39 @@ impl FeatureEngine {
             if entities.is_empty() {
                 continue;
             }
-            let scopes = touched::scopes(&self.tables, &file.mappings, &entities);
-            for (s, keys) in self.scopes.iter().zip(scopes) {
-                *s.write().unwrap() = Scope::Keys(Arc::new(keys));
-            }
-            let rows = self.run(file, Some(&entities), lsn, commit_ts_micros).await;
-            for s in &self.scopes {
-                *s.write().unwrap() = Scope::All;
-            }
             out.push(FeatureRows {
                 table: file.def.name.clone(),
-                batch: rows?,
+                batch: self
+                    .compute_for(file, &entities, lsn, commit_ts_micros)
+                    .await?,
             });
         }
         Ok(out)
     }
 
+    /// Features of `entities` of `file`, with every state table scoped to their rows.
+    async fn compute_for(
+        &self,
+        file: &CompiledFile,
+        entities: &HashSet<Key>,
+        lsn: u64,
+        commit_ts_micros: i64,
+    ) -> Result<RecordBatch, FeatureError> {
+        let scopes = touched::scopes(&self.tables, &file.mappings, entities);
+        for (s, keys) in self.scopes.iter().zip(scopes) {
+            *s.write().unwrap() = Scope::Keys(Arc::new(keys));
+        }
+        let rows = self.run(file, entities, lsn, commit_ts_micros).await;
+        for s in &self.scopes {
+            *s.write().unwrap() = Scope::All;
+        }
+        rows
+    }
+
     async fn run(
         &self,
         file: &CompiledFile,
-        entities: Option<&HashSet<Key>>,
+        entities: &HashSet<Key>,
         lsn: u64,
         commit_ts_micros: i64,
     ) -> Result<RecordBatch, FeatureError> {
@@ -310,18 +366,16 @@ impl FeatureEngine {
         let mut values =
             arrow::compute::concat_batches(&value_schema, &batches).map_err(arrow_err)?;
         let mut deleted = vec![false; values.num_rows()];
-        if let Some(entities) = entities {
-            // Touched entities that no longer exist: write a tombstone row.
-            let present: HashSet<Key> = (0..values.num_rows())
-                .map(|i| crate::state::key_at(values.column(0), i))
-                .collect();
-            let gone: Vec<&Key> = entities.iter().filter(|k| !present.contains(k)).collect();
-            if !gone.is_empty() {
-                let tomb = tombstones(&value_schema, &gone).map_err(arrow_err)?;
-                values = arrow::compute::concat_batches(&value_schema, &[values, tomb])
-                    .map_err(arrow_err)?;
-                deleted.resize(values.num_rows(), true);
-            }
+        // Entities that no longer exist: write a tombstone row.
+        let present: HashSet<Key> = (0..values.num_rows())
+            .map(|i| crate::state::key_at(values.column(0), i))
+            .collect();
+        let gone: Vec<&Key> = entities.iter().filter(|k| !present.contains(k)).collect();
+        if !gone.is_empty() {
+            let tomb = tombstones(&value_schema, &gone).map_err(arrow_err)?;
+            values = arrow::compute::concat_batches(&value_schema, &[values, tomb])
+                .map_err(arrow_err)?;
+            deleted.resize(values.num_rows(), true);
         }
         let n = values.num_rows();
         let mut cols: Vec<ArrayRef> = values.columns().to_vec();

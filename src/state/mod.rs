@@ -3,6 +3,7 @@
 
 mod key;
 mod provider;
+mod store;
 mod table;
 
 pub use key::{is_key_type, key_at, Key};

@@ -2,29 +2,38 @@
 //! indexed by primary key and by the columns feature mappings look up.
 
 use super::key::{composite_key_at, key_at, Key};
+use super::store::RowStore;
 use super::StateError;
 use crate::batch::OP;
 use arrow::array::{ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
-use arrow::row::{OwnedRow, RowConverter, SortField};
+use arrow::row::{RowConverter, SortField};
+use smallvec::SmallVec;
 use std::collections::{HashMap, HashSet};
 
-struct StoredRow {
-    row: OwnedRow,
-    /// Value of each indexed column (same order as `StateTable::indexed`).
-    index_keys: Box<[Key]>,
-}
+/// Primary keys of the rows holding one value of an indexed column: most values (a
+/// loan's payment, a client's loans) have one or a few, kept inline.
+type Postings = SmallVec<[Key; 1]>;
 
 pub struct StateTable {
     name: String,
     schema: SchemaRef,
     key_columns: Vec<usize>,
     converter: RowConverter,
-    rows: HashMap<Key, StoredRow>,
+    /// Primary key → slot of the row in `store` (and in `index_keys`).
+    rows: HashMap<Key, u32>,
+    store: RowStore,
     /// Indexed columns and, for each, value → primary keys. An indexed column that is
     /// the primary key itself keeps no map (`rows` answers it).
     indexed: Vec<usize>,
-    indexes: Vec<Option<HashMap<Key, Vec<Key>>>>,
+    indexes: Vec<Option<HashMap<Key, Postings>>>,
+    /// Per slot, the value of each indexed column that has a map (the primary key is the
+    /// `rows` key): `stride` entries per slot, `stored_at[idx]` locating index `idx`'s.
+    index_keys: Vec<Key>,
+    stored_at: Vec<Option<usize>>,
+    stride: usize,
+    /// Rows announced by [`StateTable::expect_rows`], to size the row store on first use.
+    expected_rows: Option<usize>,
 }
 
 impl StateTable {
@@ -43,18 +52,38 @@ impl StateTable {
             table: name.to_string(),
             source: e,
         })?;
+        let indexes: Vec<Option<HashMap<Key, Postings>>> = indexed
+            .iter()
+            .map(|&c| (key_columns != [c]).then(HashMap::new))
+            .collect();
+        let mut stride = 0;
+        let stored_at = indexes
+            .iter()
+            .map(|m| {
+                m.as_ref().map(|_| {
+                    stride += 1;
+                    stride - 1
+                })
+            })
+            .collect();
         Ok(StateTable {
             name: name.to_string(),
             schema,
             converter,
             rows: HashMap::new(),
-            indexes: indexed
-                .iter()
-                .map(|&c| (key_columns != [c]).then(HashMap::new))
-                .collect(),
+            store: RowStore::default(),
+            index_keys: Vec::new(),
+            indexes,
+            stored_at,
+            stride,
+            expected_rows: None,
             key_columns,
             indexed,
         })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn schema(&self) -> &SchemaRef {
@@ -81,7 +110,7 @@ impl StateTable {
     /// Primary keys of rows whose indexed column `idx` equals `value`.
     pub fn lookup(&self, idx: usize, value: &Key) -> &[Key] {
         match &self.indexes[idx] {
-            Some(index) => index.get(value).map(Vec::as_slice).unwrap_or(&[]),
+            Some(index) => index.get(value).map(|p| p.as_slice()).unwrap_or(&[]),
             // The primary key itself: at most one row, the map's own key.
             None => self
                 .rows
@@ -91,9 +120,31 @@ impl StateTable {
         }
     }
 
+    /// The distinct non-NULL values of indexed column `idx`.
+    pub fn indexed_values(&self, idx: usize) -> Vec<Key> {
+        match &self.indexes[idx] {
+            Some(index) => index.keys().filter(|k| **k != Key::Null).cloned().collect(),
+            None => self.rows.keys().cloned().collect(),
+        }
+    }
+
     /// Value of indexed column `idx` in the row with primary key `pk`.
     pub fn indexed_value(&self, pk: &Key, idx: usize) -> Option<&Key> {
-        self.rows.get(pk).map(|r| &r.index_keys[idx])
+        let (key, &slot) = self.rows.get_key_value(pk)?;
+        Some(match self.stored_at[idx] {
+            Some(at) => &self.index_keys[slot as usize * self.stride + at],
+            None => key,
+        })
+    }
+
+    /// Sizes state for `rows` more rows about to be loaded (a snapshot), so that bulk
+    /// loading does not grow each structure by doubling: the copies and the freed
+    /// halves that growth leaves behind cost as much memory as the state itself.
+    pub fn expect_rows(&mut self, rows: usize) {
+        self.rows.reserve(rows);
+        self.store.reserve_slots(rows);
+        self.index_keys.reserve_exact(rows * self.stride);
+        self.expected_rows = Some(rows);
     }
 
     pub fn contains(&self, pk: &Key) -> bool {
@@ -130,33 +181,44 @@ impl StateTable {
                 source: e,
             })?;
         let keys = self.batch_keys(batch);
-        self.rows
-            .reserve(if ops.is_none() { keys.len() } else { 0 });
+        if let Some(expected) = self.expected_rows.take() {
+            // Row sizes of the first batch stand for the rest.
+            let bytes: usize = (0..rows.num_rows())
+                .map(|i| rows.row(i).as_ref().len())
+                .sum();
+            let per_row = bytes / rows.num_rows().max(1) + 1;
+            self.store
+                .reserve_bytes(expected * per_row + expected * per_row / 10);
+        }
         for (i, pk) in keys.into_iter().enumerate() {
             match ops.as_ref().map(|o| o.value(i)).unwrap_or("insert") {
                 "insert" | "update" => {
                     if pk == Key::Null || matches!(&pk, Key::Tuple(t) if t.contains(&Key::Null)) {
                         return Err(StateError::NullKey(self.name.clone()));
                     }
-                    let index_keys: Box<[Key]> =
-                        self.indexed.iter().map(|&c| key_at(&image[c], i)).collect();
                     self.remove(&pk);
-                    for (index, v) in self.indexes.iter_mut().zip(index_keys.iter()) {
-                        if let Some(index) = index {
-                            index.entry(v.clone()).or_default().push(pk.clone());
-                        }
+                    let slot = self.store.insert(rows.row(i).as_ref());
+                    let at = slot as usize * self.stride;
+                    if self.index_keys.len() < self.store.slots() * self.stride {
+                        self.index_keys
+                            .resize(self.store.slots() * self.stride, Key::Null);
                     }
-                    self.rows.insert(
-                        pk,
-                        StoredRow {
-                            row: rows.row(i).owned(),
-                            index_keys,
-                        },
-                    );
+                    for (j, &c) in self.indexed.iter().enumerate() {
+                        let (Some(index), Some(k)) = (&mut self.indexes[j], self.stored_at[j])
+                        else {
+                            continue;
+                        };
+                        let v = key_at(&image[c], i);
+                        index.entry(v.clone()).or_default().push(pk.clone());
+                        self.index_keys[at + k] = v;
+                    }
+                    self.rows.insert(pk, slot);
                 }
                 "delete" => self.remove(&pk),
                 "truncate" => {
                     self.rows.clear();
+                    self.store.clear();
+                    self.index_keys.clear();
                     self.indexes.iter_mut().flatten().for_each(HashMap::clear);
                 }
                 other => {
@@ -171,17 +233,23 @@ impl StateTable {
     }
 
     fn remove(&mut self, pk: &Key) {
-        if let Some(old) = self.rows.remove(pk) {
-            for (index, v) in self.indexes.iter_mut().zip(old.index_keys.iter()) {
-                let Some(index) = index else { continue };
-                if let Some(pks) = index.get_mut(v) {
-                    pks.retain(|k| k != pk);
-                    if pks.is_empty() {
-                        index.remove(v);
-                    }
+        let Some(slot) = self.rows.remove(pk) else {
+            return;
+        };
+        let at = slot as usize * self.stride;
+        for (index, k) in self.indexes.iter_mut().zip(&self.stored_at) {
+            let (Some(index), Some(k)) = (index, k) else {
+                continue;
+            };
+            let v = std::mem::replace(&mut self.index_keys[at + k], Key::Null);
+            if let Some(pks) = index.get_mut(&v) {
+                pks.retain(|k| k != pk);
+                if pks.is_empty() {
+                    index.remove(&v);
                 }
             }
         }
+        self.store.remove(slot);
     }
 
     /// `batch` (raw changes, in order) with its unchanged-TOAST placeholder cells
@@ -208,7 +276,7 @@ impl StateTable {
             .map(|i| batch.column(i).as_string::<i32>().clone());
         let mut latest: HashMap<&Key, usize> = HashMap::new();
         let mut resolved: HashMap<(usize, usize), Source> = HashMap::new();
-        let mut from_state: Vec<&OwnedRow> = Vec::new();
+        let mut from_state: Vec<u32> = Vec::new();
         let mut state_index: HashMap<&Key, usize> = HashMap::new();
         let mut missing = 0usize;
         let mut next = cells.iter().peekable();
@@ -221,9 +289,9 @@ impl StateTable {
                 let source = match latest.get(pk) {
                     Some(&k) => resolved.get(&(k, col)).copied().unwrap_or(Source::Batch(k)),
                     None => match self.rows.get(pk) {
-                        Some(stored) => {
+                        Some(&slot) => {
                             let j = *state_index.entry(pk).or_insert_with(|| {
-                                from_state.push(&stored.row);
+                                from_state.push(slot);
                                 from_state.len() - 1
                             });
                             Source::State(j)
@@ -252,9 +320,10 @@ impl StateTable {
             table: self.name.clone(),
             source,
         };
+        let parser = self.converter.parser();
         let old = self
             .converter
-            .convert_rows(from_state.iter().map(|r| r.row()))
+            .convert_rows(from_state.iter().map(|&s| parser.parse(self.store.get(s))))
             .map_err(err)?;
         let mut columns = batch.columns().to_vec();
         let mut by_column: Vec<usize> = cells.iter().map(|&(_, c)| c).collect();
@@ -276,15 +345,13 @@ impl StateTable {
 
     /// The rows with the given primary keys (missing keys are skipped), or every row.
     pub fn scan(&self, keys: Option<&HashSet<Key>>) -> Result<RecordBatch, StateError> {
+        let parser = self.converter.parser();
+        let row = |&slot: &u32| parser.parse(self.store.get(slot));
         let arrays = match keys {
-            Some(keys) => self.converter.convert_rows(
-                keys.iter()
-                    .filter_map(|k| self.rows.get(k))
-                    .map(|r| r.row.row()),
-            ),
-            None => self
+            Some(keys) => self
                 .converter
-                .convert_rows(self.rows.values().map(|r| r.row.row())),
+                .convert_rows(keys.iter().filter_map(|k| self.rows.get(k)).map(row)),
+            None => self.converter.convert_rows(self.rows.values().map(row)),
         }
         .map_err(|e| StateError::Arrow {
             table: self.name.clone(),

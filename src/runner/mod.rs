@@ -7,6 +7,8 @@
 //!     └──────────── ack LSN (only after every table commit) ◀────┘
 //! ```
 
+mod rebuild;
+
 use crate::batch::{self, BatcherOptions, ChangeBatch, SchemaChange, LSN};
 use crate::config::Pipeline;
 use crate::features::{FeatureEngine, FeatureError, FeatureRows, Touched};
@@ -18,6 +20,7 @@ use crate::source::{
 use arrow::array::{AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::Int64Type;
 use pgwire_replication::{ReplicationClient, ReplicationConfig};
+use rebuild::rebuild_state;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -715,6 +718,7 @@ async fn write_snapshot(
         let raw = batch::raw_schema(schema);
         let mut seq = 0i64;
         let mut out = Vec::with_capacity(batches.len());
+        engine.expect_rows(t, batches.iter().map(RecordBatch::num_rows).sum());
         for b in batches {
             engine.load(t, b)?;
             out.push(
@@ -790,80 +794,4 @@ fn lake_progress(sink: &DeltaSink) -> LakeProgress {
     } else {
         LakeProgress::Partial(missing)
     }
-}
-
-/// Rebuilds in-memory state by replaying, in change order, each raw mirror table's
-/// transactions committed before `resume_at`.
-async fn rebuild_state(
-    engine: &FeatureEngine,
-    sink: &DeltaSink,
-    schemas: &[TableSchema],
-    resume_at: u64,
-) -> Result<usize, RunError> {
-    let mut total = 0;
-    for (t, schema) in schemas.iter().enumerate() {
-        let path = raw_path(schema);
-        let err = |message: String| RunError::Rebuild {
-            table: path.clone(),
-            message,
-            unreachable: false,
-        };
-        let read_err = |e: datafusion::error::DataFusionError| RunError::Rebuild {
-            table: path.clone(),
-            message: e.to_string(),
-            unreachable: crate::sink::store_unreachable(&e),
-        };
-        let table = sink.table(&path).ok_or_else(|| err("not open".into()))?;
-        let ctx = datafusion::prelude::SessionContext::new();
-        table
-            .update_datafusion_session(&ctx.state())
-            .map_err(|e| err(e.to_string()))?;
-        let provider = table
-            .table_provider()
-            .await
-            .map_err(|e| RunError::Rebuild {
-                table: path.clone(),
-                message: e.to_string(),
-                unreachable: crate::sink::store_unreachable(&e),
-            })?;
-        ctx.register_table("raw", provider)
-            .map_err(|e| err(e.to_string()))?;
-        let batches = ctx
-            .sql(&format!(
-                "SELECT * FROM raw WHERE \"{LSN}\" < {} ORDER BY \"{LSN}\", \"{}\"",
-                resume_at as i64,
-                batch::SEQ
-            ))
-            .await
-            .map_err(read_err)?
-            .collect()
-            .await
-            .map_err(read_err)?;
-        let want = batch::raw_schema(schema);
-        for b in batches {
-            let b = conform(&b, &want).map_err(err)?;
-            total += b.num_rows();
-            engine.load(t, &b)?;
-        }
-    }
-    Ok(total)
-}
-
-/// Casts a batch read back from Delta (string views, timezone spellings) to `want`. A
-/// nullable column the lake does not have yet was added to the source after these rows
-/// were written (the stream announces it before the first row that carries it): NULL.
-fn conform(b: &RecordBatch, want: &arrow::datatypes::SchemaRef) -> Result<RecordBatch, String> {
-    let mut cols = Vec::with_capacity(want.fields().len());
-    for f in want.fields() {
-        match b.column_by_name(f.name()) {
-            Some(c) => {
-                cols.push(arrow::compute::cast(c, f.data_type()).map_err(|e| e.to_string())?)
-            }
-            None if f.is_nullable() => {
-                cols.push(arrow::array::new_null_array(f.data_type(), b.num_rows()))
-            }
-            None => return Err(format!("column {} missing", f.name())),
-        }
-    }
-    RecordBatch::try_new(want.clone(), cols).map_err(|e| e.to_string())
 }

@@ -1,0 +1,172 @@
+//! State recovery without a re-snapshot: the current image of each source table is
+//! the latest change of each primary key in its raw mirror, up to the resume point.
+
+use super::{raw_path, RunError};
+use crate::batch::{self, LSN, OP};
+use crate::config::quote_ident;
+use crate::features::FeatureEngine;
+use crate::sink::DeltaSink;
+use crate::source::TableSchema;
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::{Int64Type, SchemaRef};
+use datafusion::prelude::SessionContext;
+use futures::StreamExt;
+
+/// Loads into `engine` each raw table's rows as of just before `resume_at`, and returns
+/// how many rows state holds.
+///
+/// Only the last change of each key counts (an insert or update is the row, a delete
+/// means none), after the table's last truncate. The queries find those with hash
+/// aggregates and joins over the keys, then stream the winning rows into state, so
+/// memory follows the number of live keys rather than the raw tables' history (a
+/// sorted replay of the whole change log held all of it).
+pub async fn rebuild_state(
+    engine: &FeatureEngine,
+    sink: &DeltaSink,
+    schemas: &[TableSchema],
+    resume_at: u64,
+) -> Result<usize, RunError> {
+    let mut total = 0;
+    for (t, schema) in schemas.iter().enumerate() {
+        let path = raw_path(schema);
+        let err = |message: String| RunError::Rebuild {
+            table: path.clone(),
+            message,
+            unreachable: false,
+        };
+        let read_err = |e: datafusion::error::DataFusionError| RunError::Rebuild {
+            table: path.clone(),
+            message: e.to_string(),
+            unreachable: crate::sink::store_unreachable(&e),
+        };
+        let table = sink.table(&path).ok_or_else(|| err("not open".into()))?;
+        let ctx = SessionContext::new();
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| err(e.to_string()))?;
+        let provider = table
+            .table_provider()
+            .await
+            .map_err(|e| RunError::Rebuild {
+                table: path.clone(),
+                message: e.to_string(),
+                unreachable: crate::sink::store_unreachable(&e),
+            })?;
+        ctx.register_table("raw", provider)
+            .map_err(|e| err(e.to_string()))?;
+
+        let truncated = last_truncate(&ctx, resume_at).await.map_err(read_err)?;
+        let sql = latest_rows_sql(schema, resume_at, truncated);
+        let mut stream = ctx
+            .sql(&sql)
+            .await
+            .map_err(read_err)?
+            .execute_stream()
+            .await
+            .map_err(read_err)?;
+        let want = image_schema(schema);
+        while let Some(b) = stream.next().await {
+            let b = conform(&b.map_err(read_err)?, &want).map_err(err)?;
+            total += b.num_rows();
+            engine.load(t, &b)?;
+        }
+    }
+    Ok(total)
+}
+
+/// `(_lsn, _seq)` of the last truncate before `resume_at`, if any.
+async fn last_truncate(
+    ctx: &SessionContext,
+    resume_at: u64,
+) -> datafusion::error::Result<Option<(i64, i64)>> {
+    let batches = ctx
+        .sql(&format!(
+            "SELECT \"{LSN}\", \"{seq}\" FROM raw WHERE \"{OP}\" = 'truncate' AND \"{LSN}\" < {resume} \
+             ORDER BY \"{LSN}\" DESC, \"{seq}\" DESC LIMIT 1",
+            seq = batch::SEQ,
+            resume = resume_at as i64,
+        ))
+        .await?
+        .collect()
+        .await?;
+    Ok(batches.iter().find(|b| b.num_rows() > 0).map(|b| {
+        let lsn = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Int64)
+            .map(|c| c.as_primitive::<Int64Type>().value(0));
+        let seq = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Int64)
+            .map(|c| c.as_primitive::<Int64Type>().value(0));
+        (lsn.unwrap_or(0), seq.unwrap_or(0))
+    }))
+}
+
+/// The query for the row image of each key whose last change before `resume_at` (and
+/// after `truncated`) is an insert or update. The last change is the highest `_lsn`,
+/// then the highest `_seq` within it (a transaction may change a key more than once).
+fn latest_rows_sql(schema: &TableSchema, resume_at: u64, truncated: Option<(i64, i64)>) -> String {
+    let (lsn, seq, op) = (quote_ident(LSN), quote_ident(batch::SEQ), quote_ident(OP));
+    let keys: Vec<String> = schema
+        .key
+        .iter()
+        .map(|&c| quote_ident(&schema.columns[c].name))
+        .collect();
+    let on = |a: &str, b: &str| -> String {
+        keys.iter()
+            .map(|k| format!("{a}.{k} = {b}.{k}"))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let after_truncate = match truncated {
+        Some((l, s)) => format!(" AND ({lsn} > {l} OR ({lsn} = {l} AND {seq} > {s}))"),
+        None => String::new(),
+    };
+    let key_list = keys.join(", ");
+    let b_keys = keys
+        .iter()
+        .map(|k| format!("b.{k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "WITH base AS (SELECT * FROM raw WHERE {lsn} < {resume}{after_truncate}), \
+         last_lsn AS (SELECT {key_list}, max({lsn}) AS last_lsn FROM base GROUP BY {key_list}), \
+         last AS (SELECT {b_keys}, m.last_lsn, max(b.{seq}) AS last_seq \
+                  FROM last_lsn m JOIN base b ON {on_lsn} AND b.{lsn} = m.last_lsn \
+                  GROUP BY {b_keys}, m.last_lsn) \
+         SELECT b.* FROM last m JOIN base b ON {on_last} AND b.{lsn} = m.last_lsn \
+           AND b.{seq} = m.last_seq \
+         WHERE b.{op} IN ('insert', 'update')",
+        resume = resume_at as i64,
+        on_lsn = on("m", "b"),
+        on_last = on("m", "b"),
+    )
+}
+
+/// The row image columns of `schema` (the raw table's columns without the change
+/// metadata): rows loaded this way are inserts into state.
+fn image_schema(schema: &TableSchema) -> SchemaRef {
+    let raw = batch::raw_schema(schema);
+    let image: Vec<_> = raw
+        .fields()
+        .iter()
+        .take(schema.columns.len())
+        .cloned()
+        .collect();
+    std::sync::Arc::new(arrow::datatypes::Schema::new(image))
+}
+
+/// Casts a batch read back from Delta (string views, timezone spellings) to `want`. A
+/// nullable column the lake does not have yet was added to the source after these rows
+/// were written (the stream announces it before the first row that carries it): NULL.
+fn conform(b: &RecordBatch, want: &SchemaRef) -> Result<RecordBatch, String> {
+    let mut cols = Vec::with_capacity(want.fields().len());
+    for f in want.fields() {
+        match b.column_by_name(f.name()) {
+            Some(c) => {
+                cols.push(arrow::compute::cast(c, f.data_type()).map_err(|e| e.to_string())?)
+            }
+            None if f.is_nullable() => {
+                cols.push(arrow::array::new_null_array(f.data_type(), b.num_rows()))
+            }
+            None => return Err(format!("column {} missing", f.name())),
+        }
+    }
+    RecordBatch::try_new(want.clone(), cols).map_err(|e| e.to_string())
+}
