@@ -191,6 +191,20 @@ impl FeatureEngine {
         Ok(self.tables[table].write().unwrap().apply(rows)?)
     }
 
+    /// Loads raw changes read back from the lake in any order (see
+    /// [`StateTable::apply_unordered`]).
+    pub fn load_unordered(
+        &self,
+        table: usize,
+        rows: &RecordBatch,
+        applied: &mut std::collections::HashMap<Key, (i64, i64)>,
+    ) -> Result<(), FeatureError> {
+        Ok(self.tables[table]
+            .write()
+            .unwrap()
+            .apply_unordered(rows, applied)?)
+    }
+
     /// Features of every entity (after the initial snapshot). Computed for
     /// [`ALL_ENTITIES_CHUNK`] entities at a time through the same indexed scopes as a
     /// change batch, so that memory follows the chunk rather than the tables (a query

@@ -11,14 +11,15 @@ use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{Int64Type, SchemaRef};
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
+use std::collections::HashMap;
 
 /// Loads into `engine` each raw table's rows as of just before `resume_at`, and returns
-/// how many rows state holds.
+/// how many rows state then holds.
 ///
 /// Only the last change of each key counts (an insert or update is the row, a delete
-/// means none), after the table's last truncate. The queries find those with hash
-/// aggregates and joins over the keys, then stream the winning rows into state, so
-/// memory follows the number of live keys rather than the raw tables' history (a
+/// means none), after the table's last truncate. The raw rows stream in whatever order
+/// the files give them and state keeps, per key, the change with the highest
+/// (`_lsn`, `_seq`): memory follows the number of keys, not the raw tables' history (a
 /// sorted replay of the whole change log held all of it).
 pub async fn rebuild_state(
     engine: &FeatureEngine,
@@ -26,7 +27,7 @@ pub async fn rebuild_state(
     schemas: &[TableSchema],
     resume_at: u64,
 ) -> Result<usize, RunError> {
-    let mut total = 0;
+    let (lsn, seq, op) = (quote_ident(LSN), quote_ident(batch::SEQ), quote_ident(OP));
     for (t, schema) in schemas.iter().enumerate() {
         let path = raw_path(schema);
         let err = |message: String| RunError::Rebuild {
@@ -55,8 +56,14 @@ pub async fn rebuild_state(
         ctx.register_table("raw", provider)
             .map_err(|e| err(e.to_string()))?;
 
-        let truncated = last_truncate(&ctx, resume_at).await.map_err(read_err)?;
-        let sql = latest_rows_sql(schema, resume_at, truncated);
+        let after_truncate = match last_truncate(&ctx, resume_at).await.map_err(read_err)? {
+            Some((l, s)) => format!(" AND ({lsn} > {l} OR ({lsn} = {l} AND {seq} > {s}))"),
+            None => String::new(),
+        };
+        let sql = format!(
+            "SELECT * FROM raw WHERE {lsn} < {resume} AND {op} <> 'truncate'{after_truncate}",
+            resume = resume_at as i64,
+        );
         let mut stream = ctx
             .sql(&sql)
             .await
@@ -64,14 +71,14 @@ pub async fn rebuild_state(
             .execute_stream()
             .await
             .map_err(read_err)?;
-        let want = image_schema(schema);
+        let want = batch::raw_schema(schema);
+        let mut applied = HashMap::new();
         while let Some(b) = stream.next().await {
             let b = conform(&b.map_err(read_err)?, &want).map_err(err)?;
-            total += b.num_rows();
-            engine.load(t, &b)?;
+            engine.load_unordered(t, &b, &mut applied)?;
         }
     }
-    Ok(total)
+    Ok(engine.state_sizes().iter().sum())
 }
 
 /// `(_lsn, _seq)` of the last truncate before `resume_at`, if any.
@@ -96,60 +103,6 @@ async fn last_truncate(
             .map(|c| c.as_primitive::<Int64Type>().value(0));
         (lsn.unwrap_or(0), seq.unwrap_or(0))
     }))
-}
-
-/// The query for the row image of each key whose last change before `resume_at` (and
-/// after `truncated`) is an insert or update. The last change is the highest `_lsn`,
-/// then the highest `_seq` within it (a transaction may change a key more than once).
-fn latest_rows_sql(schema: &TableSchema, resume_at: u64, truncated: Option<(i64, i64)>) -> String {
-    let (lsn, seq, op) = (quote_ident(LSN), quote_ident(batch::SEQ), quote_ident(OP));
-    let keys: Vec<String> = schema
-        .key
-        .iter()
-        .map(|&c| quote_ident(&schema.columns[c].name))
-        .collect();
-    let on = |a: &str, b: &str| -> String {
-        keys.iter()
-            .map(|k| format!("{a}.{k} = {b}.{k}"))
-            .collect::<Vec<_>>()
-            .join(" AND ")
-    };
-    let after_truncate = match truncated {
-        Some((l, s)) => format!(" AND ({lsn} > {l} OR ({lsn} = {l} AND {seq} > {s}))"),
-        None => String::new(),
-    };
-    let key_list = keys.join(", ");
-    let b_keys = keys
-        .iter()
-        .map(|k| format!("b.{k}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        "WITH base AS (SELECT * FROM raw WHERE {lsn} < {resume}{after_truncate}), \
-         last_lsn AS (SELECT {key_list}, max({lsn}) AS last_lsn FROM base GROUP BY {key_list}), \
-         last AS (SELECT {b_keys}, m.last_lsn, max(b.{seq}) AS last_seq \
-                  FROM last_lsn m JOIN base b ON {on_lsn} AND b.{lsn} = m.last_lsn \
-                  GROUP BY {b_keys}, m.last_lsn) \
-         SELECT b.* FROM last m JOIN base b ON {on_last} AND b.{lsn} = m.last_lsn \
-           AND b.{seq} = m.last_seq \
-         WHERE b.{op} IN ('insert', 'update')",
-        resume = resume_at as i64,
-        on_lsn = on("m", "b"),
-        on_last = on("m", "b"),
-    )
-}
-
-/// The row image columns of `schema` (the raw table's columns without the change
-/// metadata): rows loaded this way are inserts into state.
-fn image_schema(schema: &TableSchema) -> SchemaRef {
-    let raw = batch::raw_schema(schema);
-    let image: Vec<_> = raw
-        .fields()
-        .iter()
-        .take(schema.columns.len())
-        .cloned()
-        .collect();
-    std::sync::Arc::new(arrow::datatypes::Schema::new(image))
 }
 
 /// Casts a batch read back from Delta (string views, timezone spellings) to `want`. A

@@ -4,11 +4,13 @@
 use super::key::{composite_key_at, key_at, Key};
 use super::store::RowStore;
 use super::StateError;
-use crate::batch::OP;
-use arrow::array::{ArrayRef, AsArray, RecordBatch};
-use arrow::datatypes::SchemaRef;
+use crate::batch::{LSN, OP, SEQ};
+use arrow::array::{ArrayRef, AsArray, RecordBatch, UInt32Array};
+use arrow::datatypes::{Int64Type, SchemaRef};
+use arrow::error::ArrowError;
 use arrow::row::{RowConverter, SortField};
 use smallvec::SmallVec;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 
 /// Primary keys of the rows holding one value of an indexed column: most values (a
@@ -232,6 +234,52 @@ impl StateTable {
         Ok(())
     }
 
+    /// Applies raw changes read back in any order (state rebuilt from the raw mirror):
+    /// a change takes effect only if it is later, by (`_lsn`, `_seq`), than the last one
+    /// applied to its key, which `applied` remembers across calls (deletes included).
+    /// So the history needs no sort, and memory follows the number of keys.
+    pub fn apply_unordered(
+        &mut self,
+        batch: &RecordBatch,
+        applied: &mut HashMap<Key, (i64, i64)>,
+    ) -> Result<(), StateError> {
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_primitive_opt::<Int64Type>())
+                .ok_or_else(|| StateError::Arrow {
+                    table: self.name.clone(),
+                    source: ArrowError::SchemaError(format!("no Int64 column {name}")),
+                })
+        };
+        let (lsn, seq) = (column(LSN)?, column(SEQ)?);
+        let keys = self.batch_keys(batch);
+        let mut take: Vec<u32> = Vec::new();
+        let mut in_batch: HashMap<&Key, usize> = HashMap::new();
+        for (i, key) in keys.iter().enumerate() {
+            let version = (lsn.value(i), seq.value(i));
+            if applied.get(key).is_some_and(|&seen| seen >= version) {
+                continue;
+            }
+            applied.insert(key.clone(), version);
+            match in_batch.entry(key) {
+                Entry::Occupied(e) => take[*e.get()] = i as u32,
+                Entry::Vacant(e) => {
+                    e.insert(take.len());
+                    take.push(i as u32);
+                }
+            }
+        }
+        let latest =
+            arrow::compute::take_record_batch(batch, &UInt32Array::from(take)).map_err(|e| {
+                StateError::Arrow {
+                    table: self.name.clone(),
+                    source: e,
+                }
+            })?;
+        self.apply(&latest)
+    }
+
     fn remove(&mut self, pk: &Key) {
         let Some(slot) = self.rows.remove(pk) else {
             return;
@@ -426,6 +474,62 @@ mod tests {
         );
         t.apply(&changes(&[0], &[None], &["truncate"])).unwrap();
         assert!(t.is_empty() && t.lookup(0, &Key::Int(20)).is_empty());
+    }
+
+    #[test]
+    fn changes_read_back_out_of_order_keep_each_keys_latest() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int32, false),
+            Field::new("client_id", DataType::Int32, true),
+        ]));
+        let raw = |ids: &[i32], owners: &[Option<i32>], ops: &[&str], versions: &[(i64, i64)]| {
+            let b = changes(ids, owners, ops);
+            let mut cols = b.columns().to_vec();
+            let mut fields: Vec<Field> = b
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.as_ref().clone())
+                .collect();
+            for (name, values) in [
+                (LSN, versions.iter().map(|v| v.0).collect::<Vec<_>>()),
+                (SEQ, versions.iter().map(|v| v.1).collect()),
+            ] {
+                fields.push(Field::new(name, DataType::Int64, false));
+                cols.push(Arc::new(arrow::array::Int64Array::from(values)));
+            }
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
+        };
+        let mut t = StateTable::new("loan", schema, vec![0], vec![1, 0]).unwrap();
+        let mut applied = HashMap::new();
+        // Key 1: inserted (10,0), updated (20,1), deleted (20,2), inserted again (30,0).
+        // Key 2: inserted (10,1), deleted (40,0). Key 3: inserted (10,2) only.
+        // Read back newest-file-first, and within files out of order.
+        t.apply_unordered(
+            &raw(
+                &[1, 2, 1],
+                &[Some(13), None, None],
+                &["insert", "delete", "delete"],
+                &[(30, 0), (40, 0), (20, 2)],
+            ),
+            &mut applied,
+        )
+        .unwrap();
+        t.apply_unordered(
+            &raw(
+                &[1, 3, 2, 1],
+                &[Some(12), Some(30), Some(20), Some(10)],
+                &["update", "insert", "insert", "insert"],
+                &[(20, 1), (10, 2), (10, 1), (10, 0)],
+            ),
+            &mut applied,
+        )
+        .unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.indexed_value(&Key::Int(1), 0), Some(&Key::Int(13)));
+        assert_eq!(t.indexed_value(&Key::Int(3), 0), Some(&Key::Int(30)));
+        assert!(!t.contains(&Key::Int(2)));
+        assert!(t.lookup(0, &Key::Int(12)).is_empty() && t.lookup(0, &Key::Int(20)).is_empty());
     }
 
     #[test]
