@@ -120,8 +120,32 @@ fn shutdown_on_signal(cancel: CancellationToken) {
     });
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    tune_allocator();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(async_main())
+}
+
+/// glibc's malloc, tuned before any thread starts. Buffers of 128 KiB and more (the
+/// state's row buffers and hash tables, Arrow arrays, Parquet pages) get mappings of
+/// their own that go back to the OS when freed: by default glibc raises that threshold
+/// as such blocks are freed, after which they fragment the heap. And two arenas instead
+/// of eight per core: the runtime's many short-lived blocking threads otherwise each
+/// keep memory in an arena of their own. Together about 25 MB less at the peak of a
+/// full-dump snapshot (see README, Measured).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+async fn async_main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match run(cli.command).await {

@@ -409,18 +409,19 @@ async fn run_stages(
     };
     let skip_through = if fresh {
         let snap = create_slot_with_snapshot(&mut repl, &slot_name, &conn, &schemas).await?;
-        summary.snapshot_rows = write_snapshot(&engine, &mut sink, &schemas, &snap).await?;
+        let consistent_lsn = snap.consistent_lsn;
+        summary.snapshot_rows = write_snapshot(&engine, &mut sink, &schemas, snap).await?;
         if resnapshot {
             lake.remove_marker(RESNAPSHOT_MARKER).await?;
         }
-        summary.last_lsn = snap.consistent_lsn;
+        summary.last_lsn = consistent_lsn;
         tracing::info!(rows = summary.snapshot_rows, elapsed_ms = started.elapsed().as_millis() as u64,
-            lsn = %lsn_string(snap.consistent_lsn), "initial snapshot committed to the lake");
+            lsn = %lsn_string(consistent_lsn), "initial snapshot committed to the lake");
         if opts.once || opts.resnapshot {
             // Everything committed before the start is in the snapshot.
             return Ok((summary, None));
         }
-        snap.consistent_lsn
+        consistent_lsn
     } else {
         // State must reflect exactly the transactions that will not be streamed again:
         // those committed before the slot's confirmed position (Postgres resends the rest)
@@ -704,29 +705,35 @@ fn snapshot_row_lsn(consistent_lsn: u64) -> u64 {
     consistent_lsn.saturating_sub(1)
 }
 
-/// Loads the snapshot into state, computes every entity's features, and commits raw
-/// tables and features at the consistent LSN.
+/// Loads the snapshot into state and commits the raw tables, then computes every
+/// entity's features and commits them, all at the consistent LSN. The raw tables go
+/// first so that the snapshot's rows have left memory before the features are computed.
 async fn write_snapshot(
     engine: &FeatureEngine,
     sink: &mut DeltaSink,
     schemas: &[TableSchema],
-    snap: &source::InitialSnapshot,
+    snap: source::InitialSnapshot,
 ) -> Result<usize, RunError> {
+    let source::InitialSnapshot {
+        consistent_lsn,
+        tables,
+        taken_at_micros,
+    } = snap;
     let mut writes = Vec::new();
     let mut rows = 0;
-    for ((schema, batches), t) in schemas.iter().zip(&snap.tables).zip(0..) {
+    for ((schema, batches), t) in schemas.iter().zip(tables).zip(0..) {
         let raw = batch::raw_schema(schema);
         let mut seq = 0i64;
         let mut out = Vec::with_capacity(batches.len());
         engine.expect_rows(t, batches.iter().map(RecordBatch::num_rows).sum());
         for b in batches {
-            engine.load(t, b)?;
+            engine.load(t, &b)?;
             out.push(
                 batch::snapshot_rows_as_changes(
                     &raw,
-                    b,
-                    snapshot_row_lsn(snap.consistent_lsn),
-                    snap.taken_at_micros,
+                    &b,
+                    snapshot_row_lsn(consistent_lsn),
+                    taken_at_micros,
                     seq,
                 )
                 .map_err(|e| RunError::Inconsistent(e.to_string()))?,
@@ -736,16 +743,15 @@ async fn write_snapshot(
         }
         writes.push((raw_path(schema), out));
     }
+    sink.commit_snapshot_part(writes, consistent_lsn).await?;
     let t0 = Instant::now();
-    let features = engine
-        .compute_all(snap.consistent_lsn, snap.taken_at_micros)
-        .await?;
+    let features = engine.compute_all(consistent_lsn, taken_at_micros).await?;
     tracing::info!(
         elapsed_ms = t0.elapsed().as_millis() as u64,
         "features computed for every entity"
     );
-    writes.extend(feature_writes(features));
-    sink.commit_snapshot(writes, snap.consistent_lsn).await?;
+    sink.commit_snapshot(feature_writes(features), consistent_lsn)
+        .await?;
     Ok(rows)
 }
 

@@ -304,9 +304,10 @@ impl DeltaSink {
     }
 
     /// Replaces the content of **every** table with `writes` (tables not named become
-    /// empty), each commit tagged with `version`. Used for the initial snapshot, so that a
-    /// snapshot retaken after one interrupted part-way never doubles rows, and so that
-    /// every table, empty ones included, records that it holds the snapshot.
+    /// empty, unless an earlier [`DeltaSink::commit_snapshot_part`] gave them this
+    /// `version`), each commit tagged with `version`. Used for the initial snapshot, so
+    /// that a snapshot retaken after one interrupted part-way never doubles rows, and so
+    /// that every table, empty ones included, records that it holds the snapshot.
     pub async fn commit_snapshot(
         &mut self,
         mut writes: Vec<(String, Vec<RecordBatch>)>,
@@ -317,6 +318,17 @@ impl DeltaSink {
                 writes.push((path.clone(), Vec::new()));
             }
         }
+        self.commit_snapshot_part(writes, version).await
+    }
+
+    /// Replaces the content of the tables named in `writes` only (see
+    /// [`DeltaSink::commit_snapshot`], which must follow with the rest). One table at a
+    /// time: each table's rows leave memory once it has committed.
+    pub async fn commit_snapshot_part(
+        &mut self,
+        mut writes: Vec<(String, Vec<RecordBatch>)>,
+        version: u64,
+    ) -> Result<(), SinkError> {
         for (path, batches) in &mut writes {
             if batches.is_empty() {
                 let entry = self
