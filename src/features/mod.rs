@@ -287,23 +287,24 @@ impl FeatureEngine {
     /// large transaction are applied one by one.
     pub fn apply(&self, batch: &ChangeBatch, touched: &mut Touched) -> Result<(), FeatureError> {
         let changed = touched::changed_keys(&self.tables, batch);
-        let collect = |touched: &mut Touched| {
-            for (f, set) in self.files.iter().zip(touched.0.iter_mut()) {
-                set.extend(touched::entities(&self.tables, &f.mappings, &changed));
-                set.extend(touched::row_image_entities(
-                    &self.tables,
-                    &f.mappings,
-                    batch,
-                ));
-            }
-        };
-        collect(touched);
+        // Row images once, on the state before the batch: a referenced row's state after
+        // it is either unchanged or one of the batch's own images, which the lookup sees.
+        for (f, set) in self.files.iter().zip(touched.0.iter_mut()) {
+            set.extend(touched::entities(&self.tables, &f.mappings, &changed));
+            set.extend(touched::row_image_entities(
+                &self.tables,
+                &f.mappings,
+                batch,
+            ));
+        }
         for (t, rows) in batch.tables.iter().enumerate() {
             if let Some(rows) = rows {
                 self.tables[t].write().unwrap().apply(rows)?;
             }
         }
-        collect(touched);
+        for (f, set) in self.files.iter().zip(touched.0.iter_mut()) {
+            set.extend(touched::entities(&self.tables, &f.mappings, &changed));
+        }
         Ok(())
     }
 
