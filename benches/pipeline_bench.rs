@@ -496,7 +496,8 @@ fn change_to_visible(
     changes: usize,
 ) -> Latency {
     let log = dir.join("run.log");
-    let (mut child, first_start) = start_streaming_with(file, &log, "info,pipeline::sink=debug");
+    let (mut child, first_start) =
+        start_streaming_with(file, &log, "warn,pipeline=info,pipeline::sink=debug");
     let mut next_version = latest_version(delta_log) + 1;
     let rt = runtime();
     let visible_ms = rt.block_on(async {
@@ -596,7 +597,7 @@ fn run_once(file: &Path, what: &str) {
 }
 
 fn start_streaming(file: &Path, log: &Path) -> (Child, Duration) {
-    start_streaming_with(file, log, "info")
+    start_streaming_with(file, log, "warn,pipeline=info")
 }
 
 fn start_streaming_with(file: &Path, log: &Path, rust_log: &str) -> (Child, Duration) {
