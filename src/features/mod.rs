@@ -60,6 +60,8 @@ struct CompiledFile {
     schema: SchemaRef,
     /// Per source table (configured order): how its rows map to this file's entities.
     mappings: Vec<Option<Mapping>>,
+    /// The source table holding one row per entity.
+    entity_table: usize,
 }
 
 /// Entities touched by changes, per feature file (see [`FeatureEngine::apply`]).
@@ -143,6 +145,7 @@ impl FeatureEngine {
                 plan,
                 schema,
                 mappings,
+                entity_table,
             });
         }
         let fixed_as_of = pipeline
@@ -242,19 +245,10 @@ impl FeatureEngine {
 
     /// Every entity of `file`: the distinct non-NULL keys of its entity table.
     fn entity_keys(&self, file: &CompiledFile) -> Vec<Key> {
-        let (t, mapping) = file
-            .mappings
-            .iter()
-            .enumerate()
-            .find_map(|(t, m)| {
-                let table = self.tables[t].read().unwrap();
-                (table.name() == file.def.entity.table).then(|| (t, m.clone()))
-            })
-            .expect("the entity table is a source table (validated)");
-        let Some(Mapping::Column(c)) = mapping else {
+        let Some(Mapping::Column(c)) = file.mappings[file.entity_table] else {
             unreachable!("the entity table maps itself through entity.table_key")
         };
-        let table = self.tables[t].read().unwrap();
+        let table = self.tables[file.entity_table].read().unwrap();
         let idx = table.index_of(c).expect("mapping columns are indexed");
         table.indexed_values(idx)
     }

@@ -56,7 +56,10 @@ pub async fn rebuild_state(
         ctx.register_table("raw", provider)
             .map_err(|e| err(e.to_string()))?;
 
-        let after_truncate = match last_truncate(&ctx, resume_at).await.map_err(read_err)? {
+        let after_truncate = match last_truncate(&ctx, (&lsn, &seq, &op), resume_at)
+            .await
+            .map_err(read_err)?
+        {
             Some((l, s)) => format!(" AND ({lsn} > {l} OR ({lsn} = {l} AND {seq} > {s}))"),
             None => String::new(),
         };
@@ -81,28 +84,30 @@ pub async fn rebuild_state(
     Ok(engine.state_sizes().iter().sum())
 }
 
-/// `(_lsn, _seq)` of the last truncate before `resume_at`, if any.
+/// `(_lsn, _seq)` of the last truncate before `resume_at`, if any. `lsn`, `seq` and
+/// `op` are the quoted column names.
 async fn last_truncate(
     ctx: &SessionContext,
+    (lsn, seq, op): (&str, &str, &str),
     resume_at: u64,
 ) -> datafusion::error::Result<Option<(i64, i64)>> {
     let batches = ctx
         .sql(&format!(
-            "SELECT \"{LSN}\", \"{seq}\" FROM raw WHERE \"{OP}\" = 'truncate' AND \"{LSN}\" < {resume} \
-             ORDER BY \"{LSN}\" DESC, \"{seq}\" DESC LIMIT 1",
-            seq = batch::SEQ,
+            "SELECT {lsn}, {seq} FROM raw WHERE {op} = 'truncate' AND {lsn} < {resume} \
+             ORDER BY {lsn} DESC, {seq} DESC LIMIT 1",
             resume = resume_at as i64,
         ))
         .await?
         .collect()
         .await?;
-    Ok(batches.iter().find(|b| b.num_rows() > 0).map(|b| {
-        let lsn = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Int64)
-            .map(|c| c.as_primitive::<Int64Type>().value(0));
-        let seq = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Int64)
-            .map(|c| c.as_primitive::<Int64Type>().value(0));
-        (lsn.unwrap_or(0), seq.unwrap_or(0))
-    }))
+    let Some(b) = batches.iter().find(|b| b.num_rows() > 0) else {
+        return Ok(None);
+    };
+    let value = |c: usize| -> datafusion::error::Result<i64> {
+        let column = arrow::compute::cast(b.column(c), &arrow::datatypes::DataType::Int64)?;
+        Ok(column.as_primitive::<Int64Type>().value(0))
+    };
+    Ok(Some((value(0)?, value(1)?)))
 }
 
 /// Casts a batch read back from Delta (string views, timezone spellings) to `want`. A

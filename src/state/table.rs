@@ -84,10 +84,6 @@ impl StateTable {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn schema(&self) -> &SchemaRef {
         &self.schema
     }
