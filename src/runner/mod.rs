@@ -300,6 +300,8 @@ async fn run_stages(
     let mut sink = DeltaSink::open(lake.clone(), app_id, specs)
         .await?
         .with_maintainer(maintainer);
+    sink.set_table_properties(&pipeline.config.lake.maintenance.table_properties())
+        .await?;
     let lake_has_data = match lake_progress(&sink) {
         _ if resnapshot => true,
         LakeProgress::Empty => false,

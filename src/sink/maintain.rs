@@ -8,7 +8,7 @@
 
 use super::{Lake, SinkError};
 use serde::Deserialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -25,16 +25,43 @@ pub struct MaintenanceConfig {
     /// Vacuum (delete files no table version within the retention references) with every
     /// compaction, keeping files removed less than this long ago for readers of old versions.
     pub vacuum_retention_hours: u64,
+    /// Commit files older than this that precede a checkpoint are deleted (time travel
+    /// reaches back this far). Set on each table as `delta.logRetentionDuration`.
+    pub log_retention_minutes: u64,
+    /// Checkpoints keep the `remove` tombstones of files removed less than this long ago.
+    /// Every compaction leaves one per small file, and a reader loads them all, so a long
+    /// window slows every read of a table fed every 200 ms. Vacuum does not need them (it
+    /// lists the files). Set on each table as `delta.deletedFileRetentionDuration`.
+    pub tombstone_retention_minutes: u64,
 }
 
 impl Default for MaintenanceConfig {
     fn default() -> Self {
         MaintenanceConfig {
             checkpoint_every_commits: 100,
-            compact_every_commits: 1000,
+            compact_every_commits: 100,
             target_file_mb: 128,
             vacuum_retention_hours: 168,
+            log_retention_minutes: 10,
+            tombstone_retention_minutes: 10,
         }
+    }
+}
+
+impl MaintenanceConfig {
+    /// The Delta table properties that carry this configuration to every writer and
+    /// checkpoint of a table.
+    pub fn table_properties(&self) -> HashMap<String, String> {
+        HashMap::from([
+            (
+                "delta.logRetentionDuration".to_string(),
+                format!("interval {} minutes", self.log_retention_minutes),
+            ),
+            (
+                "delta.deletedFileRetentionDuration".to_string(),
+                format!("interval {} minutes", self.tombstone_retention_minutes),
+            ),
+        ])
     }
 }
 
@@ -85,9 +112,19 @@ pub async fn maintain_table(
         .await
         .map_err(derr)?;
     report.checkpoint_version = table.version();
-    report.logs_cleaned = deltalake::checkpoints::cleanup_metadata(&table, None)
-        .await
-        .map_err(derr)?;
+    // The configured retention rather than the table's property, so that tables created
+    // before it was set follow it too.
+    let cutoff = chrono::Utc::now().timestamp_millis()
+        - (config.log_retention_minutes as i64).saturating_mul(60_000);
+    let version = table.version().unwrap_or(0);
+    report.logs_cleaned = deltalake::checkpoints::cleanup_expired_logs_for(
+        version,
+        table.log_store().as_ref(),
+        cutoff,
+        None,
+    )
+    .await
+    .map_err(derr)?;
     Ok(report)
 }
 

@@ -211,6 +211,36 @@ impl DeltaSink {
         })
     }
 
+    /// Makes every table carry `properties` (e.g. the maintenance retentions), with one
+    /// metadata commit per table that lacks or differs in one. Call before the first
+    /// append: a metadata change fails appends committing concurrently.
+    pub async fn set_table_properties(
+        &mut self,
+        properties: &std::collections::HashMap<String, String>,
+    ) -> Result<(), SinkError> {
+        for (path, entry) in &mut self.tables {
+            let derr = |source| SinkError::Delta {
+                table: path.clone(),
+                source,
+            };
+            let table = entry.table.as_ref().expect("no commit in flight");
+            let current = table.snapshot().map_err(derr)?.metadata().configuration();
+            if properties.iter().all(|(k, v)| current.get(k) == Some(v)) {
+                continue;
+            }
+            let updated = table
+                .clone()
+                .set_tbl_properties()
+                .with_properties(properties.clone())
+                .with_raise_if_not_exists(false)
+                .await
+                .map_err(derr)?;
+            tracing::info!(table = %path, ?properties, "table properties set");
+            entry.table = Some(updated);
+        }
+        Ok(())
+    }
+
     /// Hands every later commit to `maintainer`, which then owns checkpoints (commits
     /// stop writing them inline, which would add to the latency of every 100th batch).
     pub fn with_maintainer(mut self, maintainer: Maintainer) -> DeltaSink {

@@ -23,6 +23,10 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
         compact_every_commits: 40,
         target_file_mb: 16,
         vacuum_retention_hours: 1,
+        // Nothing older than now: every commit file before the latest checkpoint goes, and
+        // checkpoints keep no tombstone.
+        log_retention_minutes: 0,
+        tombstone_retention_minutes: 0,
     };
     let (maintainer, task) = Maintainer::spawn(lake.clone(), config.clone());
     let mut sink = DeltaSink::open(
@@ -33,6 +37,9 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
     .await
     .unwrap()
     .with_maintainer(maintainer);
+    sink.set_table_properties(&config.table_properties())
+        .await
+        .unwrap();
     let commits = 45i64;
     for v in 1..=commits {
         let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![v]))])
@@ -48,17 +55,11 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
         .unwrap();
 
     let log = dir.path().join("lake/t/_delta_log");
-    let checkpoints = std::fs::read_dir(&log)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".checkpoint.parquet")
-        })
-        .count();
-    assert!(checkpoints >= 2, "checkpoints written: {checkpoints}");
+    let last_checkpoint = std::fs::read_to_string(log.join("_last_checkpoint")).unwrap();
+    assert!(
+        last_checkpoint.contains("\"version\":4") || last_checkpoint.contains("\"version\":5"),
+        "checkpoints every 10 commits, the last one at version 40..59: {last_checkpoint}"
+    );
     let table = lake.existing_table("t").await.unwrap();
     // 40 one-row files compacted into one, plus the 5 appended after the compaction.
     assert!(
@@ -93,6 +94,38 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
         (commits, commits * (commits + 1) / 2),
         "maintain took {:?}",
         started.elapsed()
+    );
+
+    // Retention 0: the log is the checkpoint and nothing before it, and the checkpoint
+    // holds no tombstone of the ~45 compacted files (a reader would load every one).
+    let version = table.version().unwrap();
+    let names: Vec<String> = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let commits_kept: Vec<&String> = names.iter().filter(|n| n.ends_with(".json")).collect();
+    assert_eq!(commits_kept.len(), 1, "log after cleanup: {names:?}");
+    let checkpoint = log.join(format!("{version:020}.checkpoint.parquet"));
+    let ctx = datafusion::prelude::SessionContext::new();
+    let actions = ctx
+        .read_parquet(
+            checkpoint.to_str().unwrap(),
+            datafusion::prelude::ParquetReadOptions::default(),
+        )
+        .await
+        .unwrap();
+    ctx.register_table("cp", actions.into_view()).unwrap();
+    let counts = ctx
+        .sql("SELECT count(\"remove\"), count(\"add\") FROM cp")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        (col_at(&counts, 0), col_at(&counts, 1)),
+        (0, 1),
+        "tombstones and files in checkpoint {version}"
     );
 }
 
