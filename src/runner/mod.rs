@@ -297,11 +297,10 @@ async fn run_stages(
     if resnapshot && !opts.resnapshot {
         tracing::warn!(lake = %root, "a resnapshot was interrupted: finishing it first");
     }
-    let mut sink = DeltaSink::open(lake.clone(), app_id, specs)
+    let properties = pipeline.config.lake.maintenance.table_properties();
+    let mut sink = DeltaSink::open_with(lake.clone(), app_id, specs, &properties)
         .await?
         .with_maintainer(maintainer);
-    sink.set_table_properties(&pipeline.config.lake.maintenance.table_properties())
-        .await?;
     let lake_has_data = match lake_progress(&sink) {
         _ if resnapshot => true,
         LakeProgress::Empty => false,

@@ -10,7 +10,7 @@ use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
 use deltalake::writer::DeltaWriter;
 use deltalake::DeltaTable;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -153,6 +153,19 @@ impl DeltaSink {
         app_id: String,
         specs: impl IntoIterator<Item = S>,
     ) -> Result<DeltaSink, SinkError> {
+        Self::open_with(lake, app_id, specs, &HashMap::new()).await
+    }
+
+    /// Like [`DeltaSink::open`], and every table carries the Delta table `properties`
+    /// (e.g. the maintenance retentions): set when a table is created, and with one
+    /// metadata commit on a table that lacks or differs in one. Before any append, since
+    /// a metadata change fails appends committing concurrently.
+    pub async fn open_with<S: Into<TableSpec>>(
+        lake: Lake,
+        app_id: String,
+        specs: impl IntoIterator<Item = S>,
+        properties: &HashMap<String, String>,
+    ) -> Result<DeltaSink, SinkError> {
         let mut tables = BTreeMap::new();
         for spec in specs {
             let TableSpec {
@@ -182,12 +195,23 @@ impl DeltaSink {
                         .map_err(derr)?;
                     *v = txn.unwrap_or(0).max(0) as u64;
                 }
+                let current = state.metadata().configuration();
+                if properties.iter().any(|(k, v)| current.get(k) != Some(v)) {
+                    table = table
+                        .set_tbl_properties()
+                        .with_properties(properties.clone())
+                        .with_raise_if_not_exists(false)
+                        .await
+                        .map_err(derr)?;
+                    tracing::info!(table = %path, ?properties, "table properties set");
+                }
                 (versions[0], versions[1])
             } else {
                 // Create it with an empty commit so readers always find the table.
                 table = table
                     .write(vec![RecordBatch::new_empty(schema.clone())])
                     .with_save_mode(SaveMode::Append)
+                    .with_configuration(properties.iter().map(|(k, v)| (k, Some(v))))
                     .await
                     .map_err(derr)?;
                 (0, 0)
@@ -209,36 +233,6 @@ impl DeltaSink {
             tables,
             maintainer: None,
         })
-    }
-
-    /// Makes every table carry `properties` (e.g. the maintenance retentions), with one
-    /// metadata commit per table that lacks or differs in one. Call before the first
-    /// append: a metadata change fails appends committing concurrently.
-    pub async fn set_table_properties(
-        &mut self,
-        properties: &std::collections::HashMap<String, String>,
-    ) -> Result<(), SinkError> {
-        for (path, entry) in &mut self.tables {
-            let derr = |source| SinkError::Delta {
-                table: path.clone(),
-                source,
-            };
-            let table = entry.table.as_ref().expect("no commit in flight");
-            let current = table.snapshot().map_err(derr)?.metadata().configuration();
-            if properties.iter().all(|(k, v)| current.get(k) == Some(v)) {
-                continue;
-            }
-            let updated = table
-                .clone()
-                .set_tbl_properties()
-                .with_properties(properties.clone())
-                .with_raise_if_not_exists(false)
-                .await
-                .map_err(derr)?;
-            tracing::info!(table = %path, ?properties, "table properties set");
-            entry.table = Some(updated);
-        }
-        Ok(())
     }
 
     /// Hands every later commit to `maintainer`, which then owns checkpoints (commits

@@ -29,17 +29,15 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
         tombstone_retention_minutes: 0,
     };
     let (maintainer, task) = Maintainer::spawn(lake.clone(), config.clone());
-    let mut sink = DeltaSink::open(
+    let mut sink = DeltaSink::open_with(
         lake.clone(),
         "maint".into(),
         vec![("t".into(), schema.clone())],
+        &config.table_properties(),
     )
     .await
     .unwrap()
     .with_maintainer(maintainer);
-    sink.set_table_properties(&config.table_properties())
-        .await
-        .unwrap();
     let commits = 45i64;
     for v in 1..=commits {
         let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![v]))])
