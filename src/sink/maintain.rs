@@ -116,9 +116,8 @@ pub async fn maintain_table(
     // before it was set follow it too.
     let cutoff = chrono::Utc::now().timestamp_millis()
         - (config.log_retention_minutes as i64).saturating_mul(60_000);
-    let version = table.version().unwrap_or(0);
     report.logs_cleaned = deltalake::checkpoints::cleanup_expired_logs_for(
-        version,
+        report.checkpoint_version.unwrap_or(0),
         table.log_store().as_ref(),
         cutoff,
         None,

@@ -53,9 +53,21 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
         .unwrap();
 
     let log = dir.path().join("lake/t/_delta_log");
+    // Earlier checkpoints are gone with the log before them (retention 0): the last one
+    // tells how far the maintainer got.
     let last_checkpoint = std::fs::read_to_string(log.join("_last_checkpoint")).unwrap();
+    let checkpoint_version: u64 = last_checkpoint
+        .split("\"version\":")
+        .nth(1)
+        .map(|rest| {
+            rest.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or_else(|| panic!("no version in _last_checkpoint: {last_checkpoint}"));
     assert!(
-        last_checkpoint.contains("\"version\":4") || last_checkpoint.contains("\"version\":5"),
+        (40..60).contains(&checkpoint_version),
         "checkpoints every 10 commits, the last one at version 40..59: {last_checkpoint}"
     );
     let table = lake.existing_table("t").await.unwrap();
