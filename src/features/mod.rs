@@ -8,15 +8,16 @@ mod touched;
 use crate::batch::ChangeBatch;
 use crate::config::{FeatureFile, Pipeline};
 use crate::source::TableSchema;
-use crate::state::{Key, Scope, StateError, StateTable, StateTableProvider};
+use crate::state::{Key, Scopes, StateError, StateTable, StateTableProvider};
 use arrow::array::{
     new_null_array, ArrayRef, BooleanArray, Date32Array, Int64Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::common::HashSet;
+use datafusion::execution::SessionState;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 pub use touched::Mapping;
 
@@ -88,7 +89,6 @@ pub struct FeatureEngine {
     clock: crate::udfs::AsOfClock,
     fixed_as_of: Option<i32>,
     tables: Vec<Arc<RwLock<StateTable>>>,
-    scopes: Vec<Arc<RwLock<Scope>>>,
     files: Vec<CompiledFile>,
 }
 
@@ -111,7 +111,6 @@ impl FeatureEngine {
             .map(|f| touched::resolve_mappings(f, schemas))
             .collect::<Result<_, _>>()?;
         let mut tables = Vec::new();
-        let mut scopes = Vec::new();
         for (t, schema) in schemas.iter().enumerate() {
             let indexed = touched::index_columns(t, &resolved);
             let table = Arc::new(RwLock::new(StateTable::new(
@@ -120,17 +119,15 @@ impl FeatureEngine {
                 schema.key.clone(),
                 indexed,
             )?));
-            let scope = Arc::new(RwLock::new(Scope::All));
             ctx.register_table(
                 datafusion::common::TableReference::bare(schema.name.name.clone()),
-                Arc::new(StateTableProvider::new(table.clone(), scope.clone())),
+                Arc::new(StateTableProvider::new(table.clone(), t)),
             )
             .map_err(|e| FeatureError::Plan {
                 location: format!("table {}", schema.name),
                 source: e,
             })?;
             tables.push(table);
-            scopes.push(scope);
         }
 
         let mut files = Vec::new();
@@ -156,7 +153,6 @@ impl FeatureEngine {
             clock,
             fixed_as_of,
             tables,
-            scopes,
             files,
         })
     }
@@ -183,15 +179,26 @@ impl FeatureEngine {
             .unwrap_or_else(|| commit_ts_micros.div_euclid(86_400_000_000) as i32)
     }
 
-    /// Announces that `rows` rows of `table` are about to be loaded (see
-    /// [`StateTable::expect_rows`]).
-    pub fn expect_rows(&self, table: usize, rows: usize) {
-        self.tables[table].write().unwrap().expect_rows(rows);
-    }
-
-    /// Loads snapshot rows (or rows rebuilt from the lake) without computing features.
-    pub fn load(&self, table: usize, rows: &RecordBatch) -> Result<(), FeatureError> {
-        Ok(self.tables[table].write().unwrap().apply(rows)?)
+    /// Loads the snapshot's rows of every table (in configured order) into state, without
+    /// computing features, on a blocking thread: the caller commits the raw tables
+    /// meanwhile. Resolves when every row is in.
+    pub fn load_in_background(
+        &self,
+        tables: Vec<Vec<RecordBatch>>,
+    ) -> impl std::future::Future<Output = Result<(), FeatureError>> {
+        let states = self.tables.clone();
+        // Spawned now, not when the returned future is first polled.
+        let loading = tokio::task::spawn_blocking(move || {
+            for (state, batches) in states.iter().zip(&tables) {
+                let mut state = state.write().unwrap();
+                state.expect_rows(batches.iter().map(RecordBatch::num_rows).sum());
+                for b in batches {
+                    state.apply(b)?;
+                }
+            }
+            Ok(())
+        });
+        async move { loading.await.expect("state loading panicked") }
     }
 
     /// Loads raw changes read back from the lake in any order (see
@@ -200,7 +207,7 @@ impl FeatureEngine {
         &self,
         table: usize,
         rows: &RecordBatch,
-        applied: &mut std::collections::HashMap<Key, (i64, i64)>,
+        applied: &mut datafusion::common::HashMap<Key, (i64, i64)>,
     ) -> Result<(), FeatureError> {
         Ok(self.tables[table]
             .write()
@@ -211,23 +218,40 @@ impl FeatureEngine {
     /// Features of every entity (after the initial snapshot). Computed for
     /// [`ALL_ENTITIES_CHUNK`] entities at a time through the same indexed scopes as a
     /// change batch, so that memory follows the chunk rather than the tables (a query
-    /// over whole tables would hold every table's rows and join state at once).
+    /// over whole tables would hold every table's rows and join state at once), and
+    /// one chunk per core at a time: each query runs on one thread.
     pub async fn compute_all(
         &self,
         lsn: u64,
         commit_ts_micros: i64,
     ) -> Result<Vec<FeatureRows>, FeatureError> {
+        let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut out = Vec::new();
         for file in &self.files {
             let entities = self.entity_keys(file);
-            let mut batches = Vec::with_capacity(entities.len().div_ceil(ALL_ENTITIES_CHUNK));
-            for chunk in entities.chunks(ALL_ENTITIES_CHUNK) {
-                let chunk: HashSet<Key> = chunk.iter().cloned().collect();
-                batches.push(
-                    self.compute_for(file, &chunk, lsn, commit_ts_micros)
-                        .await?,
-                );
+            let chunks: Vec<&[Key]> = entities.chunks(ALL_ENTITIES_CHUNK).collect();
+            let mut batches: Vec<Option<RecordBatch>> = vec![None; chunks.len()];
+            // Dropped on error: aborts the queries still running.
+            let mut running = tokio::task::JoinSet::new();
+            let mut finish = |done: Option<Result<_, tokio::task::JoinError>>| {
+                let (i, rows) = done
+                    .expect("a query is running")
+                    .expect("feature query task panicked");
+                batches[i] = Some(rows?);
+                Ok::<_, FeatureError>(())
+            };
+            for (i, chunk) in chunks.into_iter().enumerate() {
+                if running.len() == parallel {
+                    finish(running.join_next().await)?;
+                }
+                let query =
+                    self.query(file, chunk.iter().cloned().collect(), lsn, commit_ts_micros);
+                running.spawn(async move { (i, query.execute().await) });
             }
+            while !running.is_empty() {
+                finish(running.join_next().await)?;
+            }
+            let batches: Vec<RecordBatch> = batches.into_iter().flatten().collect();
             let batch =
                 arrow::compute::concat_batches(&file.schema, &batches).map_err(|source| {
                     FeatureError::Arrow {
@@ -318,60 +342,78 @@ impl FeatureEngine {
             out.push(FeatureRows {
                 table: file.def.name.clone(),
                 batch: self
-                    .compute_for(file, &entities, lsn, commit_ts_micros)
+                    .query(file, entities, lsn, commit_ts_micros)
+                    .execute()
                     .await?,
             });
         }
         Ok(out)
     }
 
-    /// Features of `entities` of `file`, with every state table scoped to their rows.
-    async fn compute_for(
+    /// The query for the features of `entities` of `file`: its session scopes every
+    /// state table to their rows.
+    fn query(
         &self,
         file: &CompiledFile,
-        entities: &HashSet<Key>,
+        entities: HashSet<Key>,
         lsn: u64,
         commit_ts_micros: i64,
-    ) -> Result<RecordBatch, FeatureError> {
-        let scopes = touched::scopes(&self.tables, &file.mappings, entities);
-        for (s, keys) in self.scopes.iter().zip(scopes) {
-            *s.write().unwrap() = Scope::Keys(Arc::new(keys));
-        }
-        let rows = self.run(file, entities, lsn, commit_ts_micros).await;
-        for s in &self.scopes {
-            *s.write().unwrap() = Scope::All;
-        }
-        rows
-    }
-
-    async fn run(
-        &self,
-        file: &CompiledFile,
-        entities: &HashSet<Key>,
-        lsn: u64,
-        commit_ts_micros: i64,
-    ) -> Result<RecordBatch, FeatureError> {
+    ) -> FeatureQuery {
         let as_of = self.as_of_days(commit_ts_micros);
+        // The clock is shared: every query of one call has the same as-of date.
         self.clock.set_days(as_of);
-        let err = |source| FeatureError::Execute {
+        let mut session = self.ctx.state();
+        session.config_mut().set_extension(Arc::new(Scopes {
+            tables: touched::scopes(&self.tables, &file.mappings, &entities),
+        }));
+        FeatureQuery {
+            session,
+            plan: file.plan.clone(),
             table: file.def.name.clone(),
+            schema: file.schema.clone(),
+            features: file.def.features.len(),
+            entities,
+            as_of,
+            lsn,
+        }
+    }
+}
+
+/// One planned computation of a feature file's features for a set of entities; owns
+/// what it needs, so that several can run at once on different threads.
+struct FeatureQuery {
+    session: SessionState,
+    plan: LogicalPlan,
+    table: String,
+    schema: SchemaRef,
+    features: usize,
+    entities: HashSet<Key>,
+    as_of: i32,
+    lsn: u64,
+}
+
+impl FeatureQuery {
+    /// Runs the query: a row per entity, stamped with the as-of date, the LSN and the
+    /// time of computation, and a tombstone for each entity that no longer exists.
+    async fn execute(self) -> Result<RecordBatch, FeatureError> {
+        let err = |source| FeatureError::Execute {
+            table: self.table.clone(),
             source,
         };
-        let state = self.ctx.state();
-        let physical = state
+        let physical = self
+            .session
             .query_planner()
-            .create_physical_plan(&file.plan, &state)
+            .create_physical_plan(&self.plan, &self.session)
             .await
             .map_err(err)?;
-        let batches = datafusion::physical_plan::collect(physical, self.ctx.task_ctx())
+        let batches = datafusion::physical_plan::collect(physical, self.session.task_ctx())
             .await
             .map_err(err)?;
         let arrow_err = |source| FeatureError::Arrow {
-            table: file.def.name.clone(),
+            table: self.table.clone(),
             source,
         };
-        let n_features = file.def.features.len();
-        let value_schema = Arc::new(Schema::new(file.schema.fields()[..=n_features].to_vec()));
+        let value_schema = Arc::new(Schema::new(self.schema.fields()[..=self.features].to_vec()));
         let mut values =
             arrow::compute::concat_batches(&value_schema, &batches).map_err(arrow_err)?;
         let mut deleted = vec![false; values.num_rows()];
@@ -379,7 +421,11 @@ impl FeatureEngine {
         let present: HashSet<Key> = (0..values.num_rows())
             .map(|i| crate::state::key_at(values.column(0), i))
             .collect();
-        let gone: Vec<&Key> = entities.iter().filter(|k| !present.contains(k)).collect();
+        let gone: Vec<&Key> = self
+            .entities
+            .iter()
+            .filter(|k| !present.contains(*k))
+            .collect();
         if !gone.is_empty() {
             let tomb = tombstones(&value_schema, &gone).map_err(arrow_err)?;
             values = arrow::compute::concat_batches(&value_schema, &[values, tomb])
@@ -388,14 +434,14 @@ impl FeatureEngine {
         }
         let n = values.num_rows();
         let mut cols: Vec<ArrayRef> = values.columns().to_vec();
-        cols.push(Arc::new(Date32Array::from(vec![as_of; n])));
-        cols.push(Arc::new(Int64Array::from(vec![lsn as i64; n])));
+        cols.push(Arc::new(Date32Array::from(vec![self.as_of; n])));
+        cols.push(Arc::new(Int64Array::from(vec![self.lsn as i64; n])));
         let now = chrono::Utc::now().timestamp_micros();
         cols.push(Arc::new(
             TimestampMicrosecondArray::from(vec![now; n]).with_timezone("UTC"),
         ));
         cols.push(Arc::new(BooleanArray::from(deleted)));
-        RecordBatch::try_new(file.schema.clone(), cols).map_err(arrow_err)
+        RecordBatch::try_new(self.schema.clone(), cols).map_err(arrow_err)
     }
 }
 

@@ -6,9 +6,9 @@ use super::FeatureError;
 use crate::batch::{ChangeBatch, OP};
 use crate::config::{FeatureFile, SourceMapping};
 use crate::source::TableSchema;
-use crate::state::{is_key_type, key_at, Key, StateTable};
+use crate::state::{is_key_type, key_at, Key, StateTable, TableScope};
 use arrow::array::AsArray;
-use std::collections::{HashMap, HashSet};
+use datafusion::common::{HashMap, HashSet};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 /// How rows of one table lead to entity keys (column positions in that table).
@@ -308,37 +308,50 @@ impl Images<'_> {
     }
 }
 
-/// For each table, the primary keys of the rows that belong to `entities`.
+/// For each table, the slots (sorted, distinct) of the rows that belong to `entities`.
+/// Each key is hashed once here, so the scans of every feature query that follow read
+/// rows by slot.
 pub fn scopes(
     tables: &[Arc<RwLock<StateTable>>],
     mappings: &[Option<Mapping>],
     entities: &HashSet<Key>,
-) -> Vec<HashSet<Key>> {
+) -> Vec<TableScope> {
     let tables = read_all(tables);
-    let mut memo: Vec<Option<HashSet<Key>>> = vec![None; tables.len()];
+    let mut memo: Vec<Option<Vec<(u32, Key)>>> = vec![None; tables.len()];
     for t in 0..tables.len() {
         scope_of(&tables, mappings, entities, t, &mut memo);
     }
-    memo.into_iter().map(Option::unwrap_or_default).collect()
+    memo.into_iter()
+        .zip(&tables)
+        .map(|(rows, table)| TableScope {
+            slots: rows
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect(),
+            version: table.version(),
+        })
+        .collect()
 }
 
+/// Rows (slot, primary key) of table `t` belonging to `entities`, memoized per table.
 fn scope_of(
     tables: &[RwLockReadGuard<'_, StateTable>],
     mappings: &[Option<Mapping>],
     entities: &HashSet<Key>,
     t: usize,
-    memo: &mut Vec<Option<HashSet<Key>>>,
+    memo: &mut Vec<Option<Vec<(u32, Key)>>>,
 ) {
     if memo[t].is_some() {
         return;
     }
-    let mut keys = HashSet::new();
+    let mut rows = Vec::new();
     match &mappings[t] {
         None => {}
         Some(Mapping::Column(c)) => {
             let idx = tables[t].index_of(*c).expect("indexed");
             for e in entities {
-                keys.extend(tables[t].lookup(idx, e).iter().cloned());
+                tables[t].lookup_slots(idx, e, &mut rows);
             }
         }
         Some(Mapping::Via {
@@ -349,12 +362,19 @@ fn scope_of(
             scope_of(tables, mappings, entities, *target, memo);
             let idx = tables[t].index_of(*col).expect("indexed");
             let ref_idx = tables[*target].index_of(*ref_col).expect("indexed");
-            for tpk in memo[*target].as_ref().expect("computed") {
-                if let Some(v) = tables[*target].indexed_value(tpk, ref_idx) {
-                    keys.extend(tables[t].lookup(idx, v).iter().cloned());
+            let target_rows = memo[*target].as_ref().expect("computed");
+            for (slot, pk) in target_rows {
+                let v = tables[*target].indexed_value_at(*slot, pk, ref_idx);
+                // NULL references nothing (and a join on it matches nothing).
+                if *v != Key::Null {
+                    tables[t].lookup_slots(idx, v, &mut rows);
                 }
             }
         }
     }
-    memo[t] = Some(keys);
+    // Rows of a target sharing a referenced value select the same rows twice; sorted
+    // slots also make the scans read the row store in order.
+    rows.sort_unstable_by_key(|(slot, _)| *slot);
+    rows.dedup_by_key(|(slot, _)| *slot);
+    memo[t] = Some(rows);
 }

@@ -707,8 +707,10 @@ fn snapshot_row_lsn(consistent_lsn: u64) -> u64 {
 }
 
 /// Loads the snapshot into state and commits the raw tables, then computes every
-/// entity's features and commits them, all at the consistent LSN. The raw tables go
-/// first so that the snapshot's rows have left memory before the features are computed.
+/// entity's features and commits them, all at the consistent LSN. State loads on a
+/// thread of its own while the raw tables encode and commit (both read the copied rows,
+/// neither changes them); the features wait for both, so that the snapshot's rows have
+/// left memory before the features' working set joins the state.
 async fn write_snapshot(
     engine: &FeatureEngine,
     sink: &mut DeltaSink,
@@ -722,17 +724,15 @@ async fn write_snapshot(
     } = snap;
     let mut writes = Vec::new();
     let mut rows = 0;
-    for ((schema, batches), t) in schemas.iter().zip(tables).zip(0..) {
+    for (schema, batches) in schemas.iter().zip(&tables) {
         let raw = batch::raw_schema(schema);
         let mut seq = 0i64;
         let mut out = Vec::with_capacity(batches.len());
-        engine.expect_rows(t, batches.iter().map(RecordBatch::num_rows).sum());
         for b in batches {
-            engine.load(t, &b)?;
             out.push(
                 batch::snapshot_rows_as_changes(
                     &raw,
-                    &b,
+                    b,
                     snapshot_row_lsn(consistent_lsn),
                     taken_at_micros,
                     seq,
@@ -744,7 +744,11 @@ async fn write_snapshot(
         }
         writes.push((raw_path(schema), out));
     }
-    sink.commit_snapshot_part(writes, consistent_lsn).await?;
+    let loading = engine.load_in_background(tables);
+    let committed = sink.commit_snapshot_part(writes, consistent_lsn).await;
+    let loaded = loading.await;
+    committed?;
+    loaded?;
     let t0 = Instant::now();
     let features = engine.compute_all(consistent_lsn, taken_at_micros).await?;
     tracing::info!(

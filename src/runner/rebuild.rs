@@ -9,9 +9,9 @@ use crate::sink::DeltaSink;
 use crate::source::TableSchema;
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{Int64Type, SchemaRef};
+use datafusion::common::HashMap;
 use datafusion::prelude::SessionContext;
 use futures::StreamExt;
-use std::collections::HashMap;
 
 /// Loads into `engine` each raw table's rows as of just before `resume_at`, and returns
 /// how many rows state then holds.

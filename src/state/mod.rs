@@ -7,7 +7,7 @@ mod store;
 mod table;
 
 pub use key::{is_key_type, key_at, Key};
-pub use provider::{Scope, StateTableProvider};
+pub use provider::{Scopes, StateTableProvider, TableScope};
 pub use table::StateTable;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,33 +1,45 @@
 //! DataFusion `TableProvider` over a `StateTable`. A scan answers equality and IN
-//! filters on indexed columns from the index, and is limited to the primary keys of
-//! the current scope (the rows of the entities a batch touched), never a full scan
-//! unless the scope says so.
+//! filters on indexed columns from the index, and is limited to the rows of the query's
+//! scope (the rows of the entities a batch touched), never a full scan unless the query
+//! has no scope.
 
 use super::{Key, StateTable};
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::Session;
+use datafusion::common::HashSet;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{TableProvider, TableType};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
-use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
-/// Which rows a scan may see.
-#[derive(Debug, Clone, Default)]
-pub enum Scope {
-    /// Every row (initial snapshot, ad-hoc queries).
-    #[default]
-    All,
-    /// Only these primary keys.
-    Keys(Arc<HashSet<Key>>),
+/// Which rows of each state table a query's scans may see, set on the session that
+/// plans the query (`SessionConfig::set_extension`): each query carries its own, so
+/// queries over different entities can be planned and run at the same time. Without it
+/// a scan sees every row (ad-hoc queries).
+#[derive(Debug, Default)]
+pub struct Scopes {
+    /// Per state table, by its position (see [`StateTableProvider::new`]).
+    pub tables: Vec<TableScope>,
+}
+
+/// The rows of one state table in a query's scope.
+#[derive(Debug, Default)]
+pub struct TableScope {
+    /// The slots of the rows, sorted and distinct, resolved from the entities' keys once
+    /// per query rather than once per scan.
+    pub slots: Vec<u32>,
+    /// The table's [`StateTable::version`] the slots were resolved at: a scan of a table
+    /// changed since fails rather than read other rows.
+    pub version: u64,
 }
 
 pub struct StateTableProvider {
     table: Arc<RwLock<StateTable>>,
-    scope: Arc<RwLock<Scope>>,
+    /// Position of this table in [`Scopes::slots`].
+    position: usize,
     schema: SchemaRef,
 }
 
@@ -38,18 +50,18 @@ impl std::fmt::Debug for StateTableProvider {
 }
 
 impl StateTableProvider {
-    pub fn new(table: Arc<RwLock<StateTable>>, scope: Arc<RwLock<Scope>>) -> Self {
+    pub fn new(table: Arc<RwLock<StateTable>>, position: usize) -> Self {
         let schema = table.read().expect("state lock").schema().clone();
         StateTableProvider {
             table,
-            scope,
+            position,
             schema,
         }
     }
 
-    /// Primary keys selected by `filter` if it is `col = lit` or `col IN (lits)` on an
-    /// indexed or primary-key column.
-    fn keys_for_filter(&self, table: &StateTable, filter: &Expr) -> Option<HashSet<Key>> {
+    /// Slots of the rows selected by `filter` if it is `col = lit` or `col IN (lits)` on
+    /// an indexed or primary-key column.
+    fn slots_for_filter(&self, table: &StateTable, filter: &Expr) -> Option<HashSet<u32>> {
         let (column, values) = match filter {
             Expr::BinaryExpr(b) if b.op == Operator::Eq => match (&*b.left, &*b.right) {
                 (Expr::Column(c), Expr::Literal(v, _)) | (Expr::Literal(v, _), Expr::Column(c)) => {
@@ -74,15 +86,14 @@ impl StateTableProvider {
         };
         let col = self.schema.index_of(&column.name).ok()?;
         if table.key_columns() == [col] {
-            return Some(values.into_iter().collect());
+            return Some(values.iter().filter_map(|v| table.slot_of(v)).collect());
         }
         let idx = table.index_of(col)?;
-        Some(
-            values
-                .iter()
-                .flat_map(|v| table.lookup(idx, v).iter().cloned())
-                .collect(),
-        )
+        let mut rows = Vec::new();
+        for v in &values {
+            table.lookup_slots(idx, v, &mut rows);
+        }
+        Some(rows.into_iter().map(|(slot, _)| slot).collect())
     }
 }
 
@@ -103,7 +114,7 @@ impl TableProvider for StateTableProvider {
         let table = self.table.read().expect("state lock");
         Ok(filters
             .iter()
-            .map(|f| match self.keys_for_filter(&table, f) {
+            .map(|f| match self.slots_for_filter(&table, f) {
                 // Inexact: DataFusion still applies the filter, the index only prunes.
                 Some(_) => TableProviderFilterPushDown::Inexact,
                 None => TableProviderFilterPushDown::Unsupported,
@@ -113,26 +124,41 @@ impl TableProvider for StateTableProvider {
 
     async fn scan(
         &self,
-        _state: &dyn Session,
+        state: &dyn Session,
         projection: Option<&Vec<usize>>,
         filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let table = self.table.read().expect("state lock");
-        let mut keys: Option<HashSet<Key>> = match &*self.scope.read().expect("scope lock") {
-            Scope::All => None,
-            Scope::Keys(k) => Some((**k).clone()),
-        };
+        let scopes = state.config().get_extension::<Scopes>();
+        let scope = scopes.as_ref().map(|s| &s.tables[self.position]);
+        if let Some(scope) = scope.filter(|s| s.version != table.version()) {
+            return Err(DataFusionError::Internal(format!(
+                "state table changed (version {} → {}) between resolving a query's scope and planning it",
+                scope.version,
+                table.version()
+            )));
+        }
+        let scope: Option<&[u32]> = scope.map(|s| s.slots.as_slice());
+        let mut slots: Option<Vec<u32>> = None;
         for f in filters {
-            if let Some(fk) = self.keys_for_filter(&table, f) {
-                keys = Some(match keys {
-                    None => fk,
-                    Some(k) => k.intersection(&fk).cloned().collect(),
+            if let Some(selected) = self.slots_for_filter(&table, f) {
+                slots = Some(match slots.as_deref().or(scope) {
+                    Some(base) => base
+                        .iter()
+                        .copied()
+                        .filter(|s| selected.contains(s))
+                        .collect(),
+                    None => {
+                        let mut all: Vec<u32> = selected.into_iter().collect();
+                        all.sort_unstable();
+                        all
+                    }
                 });
             }
         }
         let batch = table
-            .scan(keys.as_ref())
+            .scan(slots.as_deref().or(scope))
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         drop(table);
         let exec = MemorySourceConfig::try_new_exec(
@@ -141,5 +167,94 @@ impl TableProvider for StateTableProvider {
             projection.cloned(),
         )?;
         Ok(exec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int32Array, Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::prelude::{SessionConfig, SessionContext};
+
+    fn loans(ids: &[i32], clients: &[i32]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int32, false),
+            Field::new("client_id", DataType::Int32, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int32Array::from(ids.to_vec())),
+                Arc::new(Int32Array::from(clients.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    async fn ids(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<Vec<i32>> {
+        let batches = ctx.sql(sql).await?.collect().await?;
+        let mut out: Vec<i32> = batches
+            .iter()
+            .flat_map(|b| {
+                arrow::compute::cast(b.column(0), &DataType::Int64)
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .values()
+                    .iter()
+                    .map(|&v| v as i32)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn scans_see_their_query_scope_and_refuse_a_stale_one() {
+        let first = loans(&[1, 2, 3, 4], &[10, 10, 20, 30]);
+        let table = StateTable::new("loan", first.schema(), vec![0], vec![1]).unwrap();
+        let table = Arc::new(RwLock::new(table));
+        table.write().unwrap().apply(&first).unwrap();
+        let provider = Arc::new(StateTableProvider::new(table.clone(), 0));
+
+        let everything = SessionContext::new();
+        everything.register_table("loan", provider.clone()).unwrap();
+        assert_eq!(
+            ids(&everything, "SELECT id FROM loan").await.unwrap(),
+            [1, 2, 3, 4]
+        );
+
+        // Scoped to client 10's loans; a filter on the primary key narrows further.
+        let scope = {
+            let state = table.read().unwrap();
+            let mut rows = Vec::new();
+            state.lookup_slots(0, &Key::Int(10), &mut rows);
+            let mut slots: Vec<u32> = rows.iter().map(|(s, _)| *s).collect();
+            slots.sort_unstable();
+            TableScope {
+                slots,
+                version: state.version(),
+            }
+        };
+        let config = SessionConfig::new().with_extension(Arc::new(Scopes {
+            tables: vec![scope],
+        }));
+        let scoped = SessionContext::new_with_config(config);
+        scoped.register_table("loan", provider).unwrap();
+        assert_eq!(ids(&scoped, "SELECT id FROM loan").await.unwrap(), [1, 2]);
+        assert_eq!(
+            ids(&scoped, "SELECT id FROM loan WHERE id IN (2, 3)")
+                .await
+                .unwrap(),
+            [2]
+        );
+
+        // The table changes: the scope's slots may now address other rows.
+        table.write().unwrap().apply(&loans(&[5], &[10])).unwrap();
+        let err = ids(&scoped, "SELECT id FROM loan").await.unwrap_err();
+        assert!(err.to_string().contains("state table changed"), "{err}");
     }
 }

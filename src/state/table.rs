@@ -9,9 +9,9 @@ use arrow::array::{ArrayRef, AsArray, RecordBatch, UInt32Array};
 use arrow::datatypes::{Int64Type, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::row::{RowConverter, SortField};
+use datafusion::common::hash_map::Entry;
+use datafusion::common::HashMap;
 use smallvec::SmallVec;
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
 
 /// Primary keys of the rows holding one value of an indexed column: most values (a
 /// loan's payment, a client's loans) have one or a few, kept inline.
@@ -36,6 +36,9 @@ pub struct StateTable {
     stride: usize,
     /// Rows announced by [`StateTable::expect_rows`], to size the row store on first use.
     expected_rows: Option<usize>,
+    /// Counts changes: slots handed out at one version address other rows (or freed
+    /// ones) at another, so scans check it.
+    version: u64,
 }
 
 impl StateTable {
@@ -79,9 +82,16 @@ impl StateTable {
             stored_at,
             stride,
             expected_rows: None,
+            version: 0,
             key_columns,
             indexed,
         })
+    }
+
+    /// The state's version: slots from [`StateTable::lookup_slots`] and
+    /// [`StateTable::slot_of`] are valid for [`StateTable::scan`] while it is unchanged.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     pub fn schema(&self) -> &SchemaRef {
@@ -116,6 +126,39 @@ impl StateTable {
                 .map(|(k, _)| std::slice::from_ref(k))
                 .unwrap_or(&[]),
         }
+    }
+
+    /// Rows whose indexed column `idx` equals `value`, as `(slot, primary key)` pairs
+    /// appended to `out`. Slots stay valid until the table is next changed.
+    pub fn lookup_slots(&self, idx: usize, value: &Key, out: &mut Vec<(u32, Key)>) {
+        match &self.indexes[idx] {
+            Some(index) => {
+                for pk in index.get(value).map(|p| p.as_slice()).unwrap_or(&[]) {
+                    if let Some(&slot) = self.rows.get(pk) {
+                        out.push((slot, pk.clone()));
+                    }
+                }
+            }
+            None => {
+                if let Some((pk, &slot)) = self.rows.get_key_value(value) {
+                    out.push((slot, pk.clone()));
+                }
+            }
+        }
+    }
+
+    /// Value of indexed column `idx` in the row at `slot`, whose primary key is `pk`
+    /// (both from [`StateTable::lookup_slots`]): no hashing.
+    pub fn indexed_value_at<'a>(&'a self, slot: u32, pk: &'a Key, idx: usize) -> &'a Key {
+        match self.stored_at[idx] {
+            Some(at) => &self.index_keys[slot as usize * self.stride + at],
+            None => pk,
+        }
+    }
+
+    /// Slot of the row with primary key `pk`.
+    pub fn slot_of(&self, pk: &Key) -> Option<u32> {
+        self.rows.get(pk).copied()
     }
 
     /// The distinct non-NULL values of indexed column `idx`.
@@ -164,6 +207,7 @@ impl StateTable {
     /// Applies a raw change batch (row image + `_op`, in change order), or plain rows
     /// as inserts when the batch has no `_op` column.
     pub fn apply(&mut self, batch: &RecordBatch) -> Result<(), StateError> {
+        self.version += 1;
         let n = self.schema.fields().len();
         let image: Vec<ArrayRef> = batch.columns()[..n].to_vec();
         let ops = batch
@@ -387,14 +431,13 @@ impl StateTable {
         RecordBatch::try_new(batch.schema(), columns).map_err(err)
     }
 
-    /// The rows with the given primary keys (missing keys are skipped), or every row.
-    pub fn scan(&self, keys: Option<&HashSet<Key>>) -> Result<RecordBatch, StateError> {
+    /// The rows in the given slots (from [`StateTable::lookup_slots`] or
+    /// [`StateTable::slot_of`] since the last change), or every row.
+    pub fn scan(&self, slots: Option<&[u32]>) -> Result<RecordBatch, StateError> {
         let parser = self.converter.parser();
         let row = |&slot: &u32| parser.parse(self.store.get(slot));
-        let arrays = match keys {
-            Some(keys) => self
-                .converter
-                .convert_rows(keys.iter().filter_map(|k| self.rows.get(k)).map(row)),
+        let arrays = match slots {
+            Some(slots) => self.converter.convert_rows(slots.iter().map(row)),
             None => self.converter.convert_rows(self.rows.values().map(row)),
         }
         .map_err(|e| StateError::Arrow {
@@ -459,8 +502,11 @@ mod tests {
         assert_eq!(t.indexed_value(&Key::Int(1), 0), Some(&Key::Int(30)));
         assert_eq!(t.lookup(1, &Key::Int(2)), &[Key::Int(2)]);
         assert!(t.lookup(1, &Key::Int(99)).is_empty());
-        let keys: HashSet<Key> = [Key::Int(2), Key::Int(99)].into();
-        let b = t.scan(Some(&keys)).unwrap();
+        let slots: Vec<u32> = [Key::Int(2), Key::Int(99)]
+            .iter()
+            .filter_map(|k| t.slot_of(k))
+            .collect();
+        let b = t.scan(Some(&slots)).unwrap();
         assert_eq!(b.num_rows(), 1);
         assert_eq!(
             b.column(1)
