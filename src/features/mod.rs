@@ -50,7 +50,7 @@ pub const COMPUTED_AT: &str = "computed_at";
 pub const DELETED: &str = "_deleted";
 
 /// Entities per query when computing every entity's features (after a snapshot).
-const ALL_ENTITIES_CHUNK: usize = 16_384;
+const ALL_ENTITIES_CHUNK: usize = 8_192;
 
 /// One feature file, planned.
 struct CompiledFile {
