@@ -68,6 +68,36 @@ impl Lake {
         self.root.scheme() == "file"
     }
 
+    /// Makes every write to the lake so far survive a power loss or an OS crash, not only
+    /// a crash of this process: the step between a commit and acknowledging its LSN to
+    /// Postgres. An object store has made a write durable when it answers. A local
+    /// directory has not (`object_store` writes files without fsync), so the filesystem
+    /// holding it is synced: data files, log entries and the directory entries naming
+    /// them, in one call, whichever files the commit wrote (`syncfs`; `sync` elsewhere).
+    pub async fn make_durable(&self) -> Result<(), SinkError> {
+        if !self.is_local() {
+            return Ok(());
+        }
+        let Ok(dir) = self.root.to_file_path() else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let synced = tokio::task::spawn_blocking({
+            let dir = dir.clone();
+            move || sync_filesystem(&dir)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        tracing::trace!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "local lake synced"
+        );
+        synced.map_err(|source| SinkError::Sync {
+            path: dir.display().to_string(),
+            source,
+        })
+    }
+
     /// `<root>/<path>/`.
     pub fn table_url(&self, path: &str) -> Result<Url, SinkError> {
         self.root
@@ -180,6 +210,26 @@ impl Lake {
             }),
         }
     }
+}
+
+/// Flushes the filesystem holding `dir` to disk.
+fn sync_filesystem(dir: &std::path::Path) -> std::io::Result<()> {
+    let dir = std::fs::File::open(dir)?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `dir` is an open descriptor for the duration of the call.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        dir.sync_all()?;
+        // SAFETY: `sync` takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+    }
+    Ok(())
 }
 
 /// `./lake`, `/abs/lake`, `file:///…` or an object-store URL, as a directory URL.

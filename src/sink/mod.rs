@@ -41,6 +41,11 @@ pub enum SinkError {
         path: String,
         source: deltalake::ObjectStoreError,
     },
+    #[error("local lake {path}: could not flush commits to disk: {source}")]
+    Sync {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl SinkError {
@@ -49,7 +54,7 @@ impl SinkError {
         match self {
             SinkError::Delta { table, .. } | SinkError::Schema { table, .. } => Some(table),
             SinkError::Unknown(t) | SinkError::Missing(t) => Some(t),
-            SinkError::Url { .. } | SinkError::Store { .. } => None,
+            SinkError::Url { .. } | SinkError::Store { .. } | SinkError::Sync { .. } => None,
         }
     }
 
@@ -71,7 +76,7 @@ impl SinkError {
                         | E::GenericError { .. }
                 ) || store_unreachable(source)
             }
-            SinkError::Store { .. } => true,
+            SinkError::Store { .. } | SinkError::Sync { .. } => true,
             _ => false,
         }
     }
@@ -498,7 +503,11 @@ impl DeltaSink {
                 }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        // Callers acknowledge the version to Postgres once this returns.
+        self.lake.make_durable().await
     }
 }
 
