@@ -46,6 +46,9 @@ enum Command {
         #[arg(long)]
         table: Option<String>,
     },
+    /// Print the pipeline's replication slot: acknowledged LSN, WAL retained for it and
+    /// how far the lake is behind the source (bytes); fails when the slot is missing.
+    Status { pipeline: PathBuf },
     /// Checkpoint, compact and vacuum every table of the pipeline's lake now (`run` also
     /// does this in the background, per `lake.maintenance`).
     Maintain { pipeline: PathBuf },
@@ -215,6 +218,40 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let lake = p.config.lake.open()?;
             let rows = pipeline::serve::latest(&lake, &file.name, &file.entity.key, &keys).await?;
             println!("{}", arrow::util::pretty::pretty_format_batches(&rows)?);
+        }
+        Command::Status { pipeline } => {
+            let p = Pipeline::load(&pipeline)?;
+            let Some(s) = runner::slot_status(&p).await? else {
+                anyhow::bail!(
+                    "{}: no replication slot `{}` (the pipeline has not run against this \
+                     database, or the slot was dropped)",
+                    pipeline.display(),
+                    p.slot_name(&ConnInfo::parse(&p.config.source.url)?.database)
+                );
+            };
+            let num = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
+            println!("slot:                {}", s.slot);
+            println!(
+                "active:              {}",
+                s.active_pid
+                    .map_or("no".to_string(), |pid| format!("yes (walsender pid {pid})"))
+            );
+            println!(
+                "confirmed_flush_lsn: {}",
+                s.confirmed_flush_lsn
+                    .map_or("-".to_string(), pipeline::source::lsn_string)
+            );
+            println!("retained_wal_bytes:  {}", num(s.retained_wal_bytes));
+            println!("lag_bytes:           {}", num(s.lag_bytes));
+            println!(
+                "wal_status:          {}",
+                s.wal_status.as_deref().unwrap_or("-")
+            );
+            println!(
+                "safe_wal_size:       {}",
+                s.safe_wal_size
+                    .map_or("unlimited".to_string(), |v| v.to_string())
+            );
         }
         Command::Maintain { pipeline } => {
             let p = Pipeline::load(&pipeline)?;

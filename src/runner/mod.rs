@@ -547,27 +547,79 @@ const RESNAPSHOT_MARKER: &str = "resnapshot-in-progress";
 /// How often the slot's retained WAL and lag are logged.
 const SLOT_HEALTH_EVERY: Duration = Duration::from_secs(30);
 
-/// Logs the slot's retained WAL and lag; an invalidated slot stops the pipeline loudly.
-async fn check_slot_health(client: &tokio_postgres::Client, slot: &str) -> Result<(), RunError> {
+/// The pipeline's replication slot as Postgres reports it (`pipeline status`, and the
+/// periodic health log of `run`).
+#[derive(Debug, Clone)]
+pub struct SlotStatus {
+    pub slot: String,
+    /// The walsender streaming from it, if one is.
+    pub active_pid: Option<i32>,
+    /// What the pipeline has acknowledged: every change before it is durable in the lake.
+    pub confirmed_flush_lsn: Option<u64>,
+    /// WAL Postgres keeps for the slot (current WAL position − restart LSN).
+    pub retained_wal_bytes: Option<i64>,
+    /// How far the lake is behind the source (current WAL position − confirmed flush).
+    pub lag_bytes: Option<i64>,
+    /// `reserved`, `extended`, `unreserved` (about to lose WAL) or `lost` (invalidated).
+    pub wal_status: Option<String>,
+    /// WAL that can still be written before the slot is invalidated (None: no limit).
+    pub safe_wal_size: Option<i64>,
+}
+
+/// The status of replication slot `slot`, or None when it does not exist.
+async fn query_slot_status(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<SlotStatus>, RunError> {
     let row = client
         .query_opt(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,
+            // The current position read once, so that both differences share it.
+            "SELECT active_pid, confirmed_flush_lsn::text,
+                    pg_wal_lsn_diff(cur.lsn, restart_lsn)::bigint,
+                    pg_wal_lsn_diff(cur.lsn, confirmed_flush_lsn)::bigint,
                     wal_status, safe_wal_size
-               FROM pg_replication_slots WHERE slot_name = $1",
+               FROM pg_replication_slots, (SELECT pg_current_wal_lsn() AS lsn) AS cur
+              WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .map_err(SourceError::from)?;
-    let Some(row) = row else {
+    Ok(row.map(|row| SlotStatus {
+        slot: slot.to_string(),
+        active_pid: row.get(0),
+        confirmed_flush_lsn: row
+            .get::<_, Option<String>>(1)
+            .and_then(|s| pgwire_replication::Lsn::parse(&s).ok())
+            .map(|l| l.as_u64()),
+        retained_wal_bytes: row.get(2),
+        lag_bytes: row.get(3),
+        wal_status: row.get(4),
+        safe_wal_size: row.get(5),
+    }))
+}
+
+/// The status of `pipeline`'s replication slot, or None when it has none (it never
+/// ran against this database, or the slot was dropped).
+pub async fn slot_status(pipeline: &Pipeline) -> Result<Option<SlotStatus>, RunError> {
+    let conn = ConnInfo::parse(&pipeline.config.source.url)?;
+    let client = connect(&conn, pipeline.config.source.connect_retries).await?;
+    query_slot_status(&client, &pipeline.slot_name(&conn.database)).await
+}
+
+/// Logs the slot's retained WAL and lag; an invalidated slot stops the pipeline loudly.
+async fn check_slot_health(client: &tokio_postgres::Client, slot: &str) -> Result<(), RunError> {
+    let Some(SlotStatus {
+        retained_wal_bytes: retained,
+        lag_bytes: lag,
+        wal_status: status,
+        safe_wal_size: safe,
+        ..
+    }) = query_slot_status(client, slot).await?
+    else {
         return Err(RunError::Inconsistent(format!(
             "replication slot `{slot}` was dropped while the pipeline was streaming"
         )));
     };
-    let retained: Option<i64> = row.get(0);
-    let lag: Option<i64> = row.get(1);
-    let status: Option<String> = row.get(2);
-    let safe: Option<i64> = row.get(3);
     match status.as_deref() {
         Some("lost") => {
             return Err(RunError::Inconsistent(format!(

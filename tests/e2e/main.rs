@@ -83,7 +83,44 @@ async fn dump_once_matches_the_oracle_for_every_client() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(raw_counts(&p.lake, "loan").await, (167_213, 167_213));
+
+    // `pipeline status` reports the slot as Postgres has it: the acknowledged LSN, and
+    // retained WAL and lag as byte counts.
+    let out = pipeline_bin().arg("status").arg(&p.file).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .trim()
+            .to_string()
+    };
+    let confirmed: String = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&p.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(field("slot"), p.slot);
+    assert_eq!(field("active"), "no");
+    assert_eq!(field("confirmed_flush_lsn"), confirmed);
+    let retained: i64 = field("retained_wal_bytes").parse().unwrap();
+    let lag: i64 = field("lag_bytes").parse().unwrap();
+    assert!(
+        lag >= 0 && retained >= lag,
+        "retained {retained}, lag {lag}"
+    );
     drop_slot(&client, &p.slot).await;
+    let out = pipeline_bin().arg("status").arg(&p.file).output().unwrap();
+    assert!(!out.status.success(), "status of a dropped slot must fail");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no replication slot"));
 }
 
 async fn drop_slot(client: &tokio_postgres::Client, slot: &str) {
