@@ -587,10 +587,7 @@ async fn query_slot_status(
     Ok(row.map(|row| SlotStatus {
         slot: slot.to_string(),
         active_pid: row.get(0),
-        confirmed_flush_lsn: row
-            .get::<_, Option<String>>(1)
-            .and_then(|s| pgwire_replication::Lsn::parse(&s).ok())
-            .map(|l| l.as_u64()),
+        confirmed_flush_lsn: source::parse_lsn(row.get(1)),
         retained_wal_bytes: row.get(2),
         lag_bytes: row.get(3),
         wal_status: row.get(4),

@@ -129,13 +129,16 @@ pub async fn slot_info(
     Ok(row.map(|r| SlotInfo {
         plugin: r.get::<_, Option<String>>(0).unwrap_or_default(),
         database: r.get::<_, Option<String>>(1).unwrap_or_default(),
-        confirmed_flush_lsn: r
-            .get::<_, Option<String>>(2)
-            .and_then(|s| pgwire_replication::Lsn::parse(&s).ok())
-            .map(|l| l.as_u64()),
+        confirmed_flush_lsn: parse_lsn(r.get(2)),
         active_pid: r.get(3),
         wal_status: r.get(4),
     }))
+}
+
+/// An LSN as Postgres prints it (`16/B374D848`, read as text from a query), if any.
+pub fn parse_lsn(text: Option<String>) -> Option<u64> {
+    text.and_then(|s| pgwire_replication::Lsn::parse(&s).ok())
+        .map(|l| l.as_u64())
 }
 
 /// Formats a 64-bit LSN the way Postgres prints it (`16/B374D848`).
