@@ -38,7 +38,7 @@ pub struct TableScope {
 
 pub struct StateTableProvider {
     table: Arc<RwLock<StateTable>>,
-    /// Position of this table in [`Scopes::slots`].
+    /// Position of this table in [`Scopes::tables`].
     position: usize,
     schema: SchemaRef,
 }
