@@ -4,89 +4,52 @@
 //! change has waited `interval`, or when `max_rows` is reached.
 //!
 //! A transaction larger than `max_rows` is the exception: it is handed on in pieces of
-//! `max_rows` rows as it arrives (`ChangeBatch::continues`), so memory does not grow with
+//! `max_rows` rows as it arrives ([`BatchKind::Piece`]), so memory does not grow with
 //! its size. The pieces are written ahead as unreferenced files and committed, and
 //! acknowledged, only with the piece that carries the transaction's end.
 
+use crate::changelog::{raw_schema, Lsn, Op, TableId};
 use crate::source::pgoutput::{Datum, RelationColumn};
 use crate::source::text::ColumnBuilder;
-use crate::source::{ChangeStream, Op, SchemaDiff, SourceError, SourceEvent, TableSchema};
-use arrow::array::{
-    ArrayRef, Int64Array, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
-};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use crate::source::{ChangeStream, SchemaDiff, SourceError, SourceEvent, TableSchema};
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringBuilder, TimestampMicrosecondArray};
+use arrow::datatypes::SchemaRef;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub const OP: &str = "_op";
-pub const LSN: &str = "_lsn";
-pub const SEQ: &str = "_seq";
-pub const COMMIT_TS: &str = "_commit_ts";
-
-/// The raw-mirror schema of a table: its row image plus change metadata.
-pub fn raw_schema(table: &TableSchema) -> SchemaRef {
-    let mut fields: Vec<Field> = table
-        .schema
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone().with_nullable(true))
-        .collect();
-    fields.push(Field::new(OP, DataType::Utf8, false));
-    fields.push(Field::new(LSN, DataType::Int64, false));
-    fields.push(Field::new(SEQ, DataType::Int64, false));
-    fields.push(Field::new(
-        COMMIT_TS,
-        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-        false,
-    ));
-    Arc::new(Schema::new(fields))
-}
-
-/// Adds constant change metadata to snapshot rows (all inserts at one LSN).
-pub fn snapshot_rows_as_changes(
-    raw: &SchemaRef,
-    rows: &RecordBatch,
-    lsn: u64,
-    commit_ts_micros: i64,
-    first_seq: i64,
-) -> Result<RecordBatch, arrow::error::ArrowError> {
-    let n = rows.num_rows();
-    let mut cols: Vec<ArrayRef> = rows.columns().to_vec();
-    cols.push(Arc::new(StringArray::from(vec![Op::Insert.as_str(); n])));
-    cols.push(Arc::new(Int64Array::from(vec![lsn as i64; n])));
-    cols.push(Arc::new(Int64Array::from_iter_values(
-        first_seq..first_seq + n as i64,
-    )));
-    cols.push(Arc::new(
-        TimestampMicrosecondArray::from(vec![commit_ts_micros; n]).with_timezone("UTC"),
-    ));
-    RecordBatch::try_new(raw.clone(), cols)
+/// What a [`ChangeBatch`] is, and so what the processor does with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchKind {
+    /// Whole committed transactions (the first may be the end of a large transaction
+    /// whose pieces came before): commit them, then acknowledge `end_lsn`.
+    Transactions,
+    /// A piece of one transaction larger than `max_rows` whose rest follows in the next
+    /// batch(es). Nothing of a piece may be committed or acknowledged before the
+    /// [`BatchKind::Transactions`] batch that holds the transaction's end.
+    Piece,
+    /// The end of a `--once` run: every transaction committed before the run started
+    /// has been handed on. Holds no rows.
+    End,
 }
 
 /// Committed transactions grouped for one pass through features and sinks.
 #[derive(Debug)]
 pub struct ChangeBatch {
+    pub kind: BatchKind,
     /// Raw change rows per configured table (None when the table had no change).
     pub tables: Vec<Option<RecordBatch>>,
     /// End LSN of the last transaction: what may be acknowledged once durable.
-    pub end_lsn: u64,
+    pub end_lsn: Lsn,
     /// Commit LSN of the last transaction.
-    pub commit_lsn: u64,
+    pub commit_lsn: Lsn,
     /// Commit time of the last transaction (unix micros).
     pub commit_ts_micros: i64,
     pub transactions: usize,
     pub rows: usize,
     /// When the first change of the batch was received (for latency metrics).
     pub first_received: Instant,
-    /// Set on the batch that closes a `--once` run.
-    pub last: bool,
-    /// The batch is a piece of one transaction larger than `max_rows` whose rest follows
-    /// in the next batch(es). The first batch after the pieces without this flag holds the
-    /// transaction's end (and maybe transactions committed after it). Nothing of a piece
-    /// may be committed or acknowledged before that batch.
-    pub continues: bool,
     /// Per table, the `(row, column)` cells of updates whose TOASTed value pgoutput did
     /// not send because it did not change: NULL in `tables` until filled from state.
     pub unchanged_toast: Vec<Vec<(usize, usize)>>,
@@ -106,7 +69,7 @@ struct TableBuilder {
 impl TableBuilder {
     fn new(table: &TableSchema) -> Self {
         TableBuilder {
-            schema: raw_schema(table),
+            schema: raw_schema(&table.schema),
             columns: table
                 .columns
                 .iter()
@@ -125,7 +88,7 @@ impl TableBuilder {
         self.lsn.len()
     }
 
-    fn append(&mut self, table: &TableSchema, change: &StagedChange, lsn: u64, ts: i64) {
+    fn append(&mut self, table: &TableSchema, change: &StagedChange, lsn: Lsn, ts: i64) {
         for (i, (b, v)) in self.columns.iter_mut().zip(&change.row).enumerate() {
             match v {
                 Datum::Text(t) => {
@@ -146,7 +109,7 @@ impl TableBuilder {
             }
         }
         self.op.append_value(change.op.as_str());
-        self.lsn.push(lsn as i64);
+        self.lsn.push(lsn.as_i64());
         self.seq.push(change.seq);
         self.ts.push(ts);
     }
@@ -171,14 +134,14 @@ impl TableBuilder {
 }
 
 struct StagedChange {
-    table: usize,
+    table: TableId,
     op: Op,
     seq: i64,
     row: Vec<Datum>,
 }
 
 struct OpenTxn {
-    commit_lsn: u64,
+    commit_lsn: Lsn,
     ts: i64,
     /// Already in the lake (it commits before the resume point): not staged.
     skip: bool,
@@ -186,7 +149,7 @@ struct OpenTxn {
     changes: Vec<StagedChange>,
     /// Changes of the transaction so far, handed on or not (the next `_seq`).
     seen: i64,
-    /// Pieces already handed on (see `ChangeBatch::continues`).
+    /// Pieces already handed on (see [`BatchKind::Piece`]).
     pieces: usize,
 }
 
@@ -202,7 +165,7 @@ pub struct BatcherOptions {
     pub interval: Duration,
     pub max_rows: usize,
     /// Transactions ending at or before this LSN are already in the lake: skip them.
-    pub skip_through: u64,
+    pub skip_through: Lsn,
     /// For `--once`: stop after the fence message with this token.
     pub fence_token: Option<String>,
 }
@@ -212,10 +175,10 @@ pub struct BatcherOptions {
 /// on, and Postgres sends that transaction again to a run on the new schema.
 #[derive(Debug, Clone)]
 pub struct SchemaChange {
-    pub table: usize,
+    pub table: TableId,
     pub columns: Vec<RelationColumn>,
     /// Commit LSN of the transaction carrying the new Relation message.
-    pub commit_lsn: u64,
+    pub commit_lsn: Lsn,
     /// Relative to the schema the batcher ran on.
     pub diff: SchemaDiff,
 }
@@ -227,7 +190,7 @@ pub async fn run(
     schemas: Vec<TableSchema>,
     opts: BatcherOptions,
     out: mpsc::Sender<ChangeBatch>,
-    mut acks: watch::Receiver<u64>,
+    mut acks: watch::Receiver<Lsn>,
     cancel: CancellationToken,
 ) -> Result<Option<SchemaChange>, SourceError> {
     let mut schema_change = None;
@@ -237,10 +200,10 @@ pub async fn run(
     let mut done = false;
     let mut stream_ended = false;
     // End LSN of the last batch handed to the processor.
-    let mut last_cut_end = 0u64;
+    let mut last_cut_end = Lsn::ZERO;
     // Whatever is committed in every table may be confirmed at once (a crash between
     // the lake commit and the acknowledgement leaves the slot behind the lake).
-    if opts.skip_through > 0 {
+    if !opts.skip_through.is_zero() {
         stream.ack(opts.skip_through);
     }
 
@@ -291,10 +254,10 @@ pub async fn run(
                     Some(SourceEvent::SchemaChanged { table, columns }) => {
                         // The open transaction is dropped unprocessed: it is replayed
                         // from the slot, decoded with the new schema.
-                        let commit_lsn = open.take().map(|t| t.commit_lsn).unwrap_or(0);
-                        let diff = schemas[table].diff(&columns);
-                        tracing::info!(table = %schemas[table].name, change = %diff,
-                            at_lsn = %crate::source::lsn_string(commit_lsn),
+                        let commit_lsn = open.take().map(|t| t.commit_lsn).unwrap_or_default();
+                        let diff = schemas[table.index()].diff(&columns);
+                        tracing::info!(table = %schemas[table.index()].name, change = %diff,
+                            at_lsn = %commit_lsn,
                             "source table schema changed: finishing the batches before it");
                         schema_change = Some(SchemaChange { table, columns, commit_lsn, diff });
                         done = true;
@@ -309,7 +272,7 @@ pub async fn run(
             permit = out.reserve(), if (pending.txns > 0 && (open.is_none() || done)) || piece_full => {
                 let Ok(permit) = permit else { break };
                 if pending.txns > 0 {
-                    let batch = pending.cut(&mut builders, false);
+                    let batch = pending.cut(&mut builders, BatchKind::Transactions);
                     last_cut_end = batch.end_lsn;
                     permit.send(batch);
                 } else {
@@ -323,14 +286,12 @@ pub async fn run(
         if done && pending.txns == 0 && (open.is_none() || cancel.is_cancelled()) {
             if opts.fence_token.is_some() && !cancel.is_cancelled() && schema_change.is_none() {
                 // Tell the processor this is the end, even with nothing pending.
-                let _ = out.send(pending.cut(&mut builders, true)).await;
+                let _ = out.send(pending.cut(&mut builders, BatchKind::End)).await;
             }
             break;
         }
         if stream_ended && pending.txns == 0 {
-            return Err(SourceError::Slot(
-                "replication stream ended unexpectedly".into(),
-            ));
+            return Err(SourceError::StreamEnded);
         }
     }
     // Forward the final acknowledgements until the processor is finished.
@@ -356,16 +317,16 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 struct Pending {
     txns: usize,
     rows: usize,
-    end_lsn: u64,
-    commit_lsn: u64,
+    end_lsn: Lsn,
+    commit_lsn: Lsn,
     ts: i64,
     first_received: Option<Instant>,
 }
 
 impl Pending {
-    fn cut(&mut self, builders: &mut [TableBuilder], last: bool) -> ChangeBatch {
+    fn cut(&mut self, builders: &mut [TableBuilder], kind: BatchKind) -> ChangeBatch {
         let batch = ChangeBatch {
-            continues: false,
+            kind,
             unchanged_toast: builders
                 .iter_mut()
                 .map(TableBuilder::take_unchanged_toast)
@@ -377,7 +338,6 @@ impl Pending {
             transactions: self.txns,
             rows: self.rows,
             first_received: self.first_received.unwrap_or_else(Instant::now),
-            last,
         };
         self.txns = 0;
         self.rows = 0;
@@ -387,7 +347,7 @@ impl Pending {
 }
 
 /// Hands on the staged changes of the open transaction as a piece (see
-/// `ChangeBatch::continues`). Only called with no committed transaction pending, so the
+/// [`BatchKind::Piece`]). Only called with no committed transaction pending, so the
 /// builders hold nothing else.
 fn piece(
     t: &mut OpenTxn,
@@ -397,20 +357,19 @@ fn piece(
 ) -> ChangeBatch {
     debug_assert_eq!(pending.txns, 0);
     if t.pieces == 0 {
-        tracing::info!(commit_lsn = %crate::source::lsn_string(t.commit_lsn),
+        tracing::info!(commit_lsn = %t.commit_lsn,
             piece_rows = t.changes.len(),
             "large transaction: handing it on in pieces, committed with its last one");
     }
     t.pieces += 1;
     let rows = t.changes.len();
     for c in t.changes.drain(..) {
-        builders[c.table].append(&schemas[c.table], &c, t.commit_lsn, t.ts);
+        builders[c.table.index()].append(&schemas[c.table.index()], &c, t.commit_lsn, t.ts);
     }
     pending.first_received.get_or_insert_with(Instant::now);
     pending.commit_lsn = t.commit_lsn;
     pending.ts = t.ts;
-    let mut batch = pending.cut(builders, false);
-    batch.continues = true;
+    let mut batch = pending.cut(builders, BatchKind::Piece);
     batch.rows = rows;
     batch
 }
@@ -458,7 +417,7 @@ fn handle_event(
         } => {
             let Some(t) = open.take() else { return false };
             if t.skip || end_lsn <= opts.skip_through {
-                tracing::debug!(end_lsn, "skipping transaction already in the lake");
+                tracing::debug!(%end_lsn, "skipping transaction already in the lake");
                 return false;
             }
             if t.seen == 0 {
@@ -468,11 +427,16 @@ fn handle_event(
             }
             pending.first_received.get_or_insert_with(Instant::now);
             for c in &t.changes {
-                builders[c.table].append(&schemas[c.table], c, t.commit_lsn, commit_ts_micros);
+                builders[c.table.index()].append(
+                    &schemas[c.table.index()],
+                    c,
+                    t.commit_lsn,
+                    commit_ts_micros,
+                );
             }
             if t.pieces > 0 {
                 tracing::info!(rows = t.seen, pieces = t.pieces + 1,
-                    commit_lsn = %crate::source::lsn_string(t.commit_lsn),
+                    commit_lsn = %t.commit_lsn,
                     "large transaction complete: committing its pieces");
             }
             pending.txns += 1;
@@ -495,10 +459,12 @@ fn handle_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::changelog::{LSN, OP, SEQ};
     use crate::config::TableName;
     use crate::source::ColumnInfo;
     use arrow::array::AsArray;
-    use arrow::datatypes::Int32Type;
+    use arrow::datatypes::{DataType, Field, Int32Type, Schema};
+    use std::sync::Arc;
 
     fn schema() -> TableSchema {
         let columns = vec![
@@ -531,7 +497,7 @@ mod tests {
 
     fn change(id: &str, op: Op) -> SourceEvent {
         SourceEvent::Change {
-            table: 0,
+            table: TableId::new(0),
             op,
             row: vec![
                 Datum::Text(id.to_string().into()),
@@ -551,6 +517,7 @@ mod tests {
 
     impl Harness {
         fn new(max_rows: usize, skip_through: u64, fence: Option<&str>) -> Harness {
+            let skip_through = Lsn::new(skip_through);
             let schemas = vec![schema()];
             let builders = schemas.iter().map(TableBuilder::new).collect();
             Harness {
@@ -580,21 +547,22 @@ mod tests {
 
         fn begin(&mut self, commit_lsn: u64, ts: i64) {
             self.feed(SourceEvent::Begin {
-                commit_lsn,
+                commit_lsn: Lsn::new(commit_lsn),
                 commit_ts_micros: ts,
             });
         }
 
         fn commit(&mut self, commit_lsn: u64, end_lsn: u64, ts: i64) {
             self.feed(SourceEvent::Commit {
-                commit_lsn,
-                end_lsn,
+                commit_lsn: Lsn::new(commit_lsn),
+                end_lsn: Lsn::new(end_lsn),
                 commit_ts_micros: ts,
             });
         }
 
         fn cut(&mut self) -> ChangeBatch {
-            self.pending.cut(&mut self.builders, false)
+            self.pending
+                .cut(&mut self.builders, BatchKind::Transactions)
         }
 
         /// The open transaction's staged changes as a piece, when they fill one.
@@ -638,7 +606,7 @@ mod tests {
         let b = h.cut();
         assert_eq!(
             (b.transactions, b.rows, b.end_lsn, b.commit_lsn),
-            (2, 3, 140, 130)
+            (2, 3, Lsn::new(140), Lsn::new(130))
         );
         let t = b.tables[0].as_ref().unwrap();
         let ids: Vec<i32> = t.column(0).as_primitive::<Int32Type>().values().to_vec();
@@ -679,11 +647,17 @@ mod tests {
         let last = h.cut();
         assert_eq!(pieces.len(), 2);
         for p in &pieces {
-            assert!(p.continues);
-            assert_eq!((p.transactions, p.rows, p.commit_lsn), (0, 2, 200));
+            assert_eq!(p.kind, BatchKind::Piece);
+            assert_eq!(
+                (p.transactions, p.rows, p.commit_lsn),
+                (0, 2, Lsn::new(200))
+            );
         }
-        assert!(!last.continues);
-        assert_eq!((last.transactions, last.rows, last.end_lsn), (1, 1, 210));
+        assert_eq!(last.kind, BatchKind::Transactions);
+        assert_eq!(
+            (last.transactions, last.rows, last.end_lsn),
+            (1, 1, Lsn::new(210))
+        );
         // Rows keep their order within the transaction across pieces.
         let seqs: Vec<i64> = pieces
             .iter()

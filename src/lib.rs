@@ -5,6 +5,7 @@
 //! `features` (in-memory `state` + DataFusion SQL + `udfs`) → `sink` (Delta Lake).
 
 pub mod batch;
+pub mod changelog;
 pub mod config;
 pub mod db;
 pub mod fault;

@@ -173,7 +173,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let s = runner::run_supervised(&p, opts, cancel).await?;
             tracing::info!(snapshot_rows = s.snapshot_rows, batches = s.batches, changes = s.changes,
-                lsn = %pipeline::source::lsn_string(s.last_lsn), "pipeline stopped cleanly");
+                lsn = %s.last_lsn, "pipeline stopped cleanly");
         }
         Command::Resnapshot { pipeline } => {
             let p = Pipeline::load(&pipeline)?;
@@ -186,7 +186,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "resnapshot of {}: {} rows at {}; `pipeline run` streams on from there",
                 pipeline.display(),
                 s.snapshot_rows,
-                pipeline::source::lsn_string(s.last_lsn)
+                s.last_lsn
             );
         }
         Command::Validate { pipeline } => {
@@ -239,13 +239,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!(
                 "confirmed_flush_lsn: {}",
                 s.confirmed_flush_lsn
-                    .map_or("-".to_string(), pipeline::source::lsn_string)
+                    .map_or("-".to_string(), |l| l.to_string())
             );
             println!("retained_wal_bytes:  {}", num(s.retained_wal_bytes));
             println!("lag_bytes:           {}", num(s.lag_bytes));
             println!(
                 "wal_status:          {}",
-                s.wal_status.as_deref().unwrap_or("-")
+                s.wal_status.map_or("-", |w| w.as_str())
             );
             println!(
                 "safe_wal_size:       {}",
@@ -256,7 +256,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Maintain { pipeline } => {
             let p = Pipeline::load(&pipeline)?;
             let lake = p.config.lake.open()?;
-            for path in runner::table_paths(&p) {
+            for path in pipeline::sink::LakeTable::all_of(&p) {
                 let r =
                     pipeline::sink::maintain_table(&lake, &path, &p.config.lake.maintenance, true)
                         .await?;

@@ -1,7 +1,7 @@
 //! Reads of the feature tables: an entity's latest features. Today a CLI command
 //! (`pipeline latest`); the online read API will serve the same query from memory.
 
-use crate::sink::{Lake, SinkError};
+use crate::sink::{Lake, LakeTable, SinkError};
 use arrow::array::RecordBatch;
 use datafusion::prelude::SessionContext;
 
@@ -24,7 +24,7 @@ pub async fn latest(
         table: table.to_string(),
         message: e.to_string(),
     };
-    let t = lake.existing_table(&format!("features/{table}")).await?;
+    let t = lake.existing_table(&LakeTable::features(table)).await?;
     let ctx = SessionContext::new();
     t.update_datafusion_session(&ctx.state())
         .map_err(|e| err(&e))?;

@@ -1,14 +1,15 @@
-//! Feature engine: owns the in-memory state, and for each change batch recomputes the
-//! features of exactly the entities the batch touched (through joins too), by running
-//! each feature file's SQL over state tables scoped to those entities.
+//! Feature engine: for each change batch, recomputes the features of exactly the
+//! entities the batch touched (through joins too), by running each feature file's SQL
+//! over the [`State`] tables scoped to those entities.
 
 mod plan;
 mod touched;
 
 use crate::batch::ChangeBatch;
+use crate::changelog::{Lsn, TableId};
 use crate::config::{FeatureFile, Pipeline};
 use crate::source::TableSchema;
-use crate::state::{Key, Scopes, StateError, StateTable, StateTableProvider};
+use crate::state::{Key, Scopes, State, StateError, StateTableProvider};
 use arrow::array::{
     new_null_array, ArrayRef, BooleanArray, Date32Array, Int64Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
@@ -18,7 +19,7 @@ use datafusion::common::HashSet;
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 pub use touched::Mapping;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +63,7 @@ struct CompiledFile {
     /// Per source table (configured order): how its rows map to this file's entities.
     mappings: Vec<Option<Mapping>>,
     /// The source table holding one row per entity.
-    entity_table: usize,
+    entity_table: TableId,
 }
 
 /// Entities touched by changes, per feature file (see [`FeatureEngine::apply`]).
@@ -88,7 +89,7 @@ pub struct FeatureEngine {
     ctx: SessionContext,
     clock: crate::udfs::AsOfClock,
     fixed_as_of: Option<i32>,
-    tables: Vec<Arc<RwLock<StateTable>>>,
+    state: State,
     files: Vec<CompiledFile>,
 }
 
@@ -110,24 +111,16 @@ impl FeatureEngine {
             .iter()
             .map(|f| touched::resolve_mappings(f, schemas))
             .collect::<Result<_, _>>()?;
-        let mut tables = Vec::new();
-        for (t, schema) in schemas.iter().enumerate() {
-            let indexed = touched::index_columns(t, &resolved);
-            let table = Arc::new(RwLock::new(StateTable::new(
-                &schema.name.name,
-                schema.schema.clone(),
-                schema.key.clone(),
-                indexed,
-            )?));
+        let state = State::new(schemas, |t| touched::index_columns(t.index(), &resolved))?;
+        for (t, schema) in TableId::all(schemas.len()).zip(schemas) {
             ctx.register_table(
                 datafusion::common::TableReference::bare(schema.name.name.clone()),
-                Arc::new(StateTableProvider::new(table.clone(), t)),
+                Arc::new(StateTableProvider::new(state.table(t).clone(), t.index())),
             )
             .map_err(|e| FeatureError::Plan {
                 location: format!("table {}", schema.name),
                 source: e,
             })?;
-            tables.push(table);
         }
 
         let mut files = Vec::new();
@@ -135,8 +128,9 @@ impl FeatureEngine {
             let entity_table = schemas
                 .iter()
                 .position(|s| s.name.name == def.entity.table)
+                .map(TableId::new)
                 .expect("validated in resolve_mappings");
-            let (plan, schema) = plan::plan_file(&ctx, def, &schemas[entity_table]).await?;
+            let (plan, schema) = plan::plan_file(&ctx, def, &schemas[entity_table.index()]).await?;
             files.push(CompiledFile {
                 def: def.clone(),
                 plan,
@@ -152,7 +146,7 @@ impl FeatureEngine {
             ctx,
             clock,
             fixed_as_of,
-            tables,
+            state,
             files,
         })
     }
@@ -165,54 +159,15 @@ impl FeatureEngine {
             .collect()
     }
 
-    /// Rows in each state table.
-    pub fn state_sizes(&self) -> Vec<usize> {
-        self.tables
-            .iter()
-            .map(|t| t.read().unwrap().len())
-            .collect()
+    /// The state the features are computed on.
+    pub fn state(&self) -> &State {
+        &self.state
     }
 
     /// The as-of date for a batch committed at `commit_ts_micros`.
     fn as_of_days(&self, commit_ts_micros: i64) -> i32 {
         self.fixed_as_of
             .unwrap_or_else(|| commit_ts_micros.div_euclid(86_400_000_000) as i32)
-    }
-
-    /// Loads the snapshot's rows of every table (in configured order) into state, without
-    /// computing features, on a blocking thread: the caller commits the raw tables
-    /// meanwhile. Resolves when every row is in.
-    pub fn load_in_background(
-        &self,
-        tables: Vec<Vec<RecordBatch>>,
-    ) -> impl std::future::Future<Output = Result<(), FeatureError>> {
-        let states = self.tables.clone();
-        // Spawned now, not when the returned future is first polled.
-        let loading = tokio::task::spawn_blocking(move || {
-            for (state, batches) in states.iter().zip(&tables) {
-                let mut state = state.write().unwrap();
-                state.expect_rows(batches.iter().map(RecordBatch::num_rows).sum());
-                for b in batches {
-                    state.apply(b)?;
-                }
-            }
-            Ok(())
-        });
-        async move { loading.await.expect("state loading panicked") }
-    }
-
-    /// Loads raw changes read back from the lake in any order (see
-    /// [`StateTable::apply_unordered`]).
-    pub fn load_unordered(
-        &self,
-        table: usize,
-        rows: &RecordBatch,
-        applied: &mut datafusion::common::HashMap<Key, (i64, i64)>,
-    ) -> Result<(), FeatureError> {
-        Ok(self.tables[table]
-            .write()
-            .unwrap()
-            .apply_unordered(rows, applied)?)
     }
 
     /// Features of every entity (after the initial snapshot). Computed for
@@ -222,7 +177,7 @@ impl FeatureEngine {
     /// one chunk per core at a time: each query runs on one thread.
     pub async fn compute_all(
         &self,
-        lsn: u64,
+        lsn: Lsn,
         commit_ts_micros: i64,
     ) -> Result<Vec<FeatureRows>, FeatureError> {
         let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -269,29 +224,12 @@ impl FeatureEngine {
 
     /// Every entity of `file`: the distinct non-NULL keys of its entity table.
     fn entity_keys(&self, file: &CompiledFile) -> Vec<Key> {
-        let Some(Mapping::Column(c)) = file.mappings[file.entity_table] else {
+        let Some(Mapping::Column(c)) = file.mappings[file.entity_table.index()] else {
             unreachable!("the entity table maps itself through entity.table_key")
         };
-        let table = self.tables[file.entity_table].read().unwrap();
+        let table = self.state.table(file.entity_table).read().unwrap();
         let idx = table.index_of(c).expect("mapping columns are indexed");
         table.indexed_values(idx)
-    }
-
-    /// Replaces the unchanged-TOAST placeholders of `batch` by the values the rows had
-    /// before it, from state (pgoutput sends no value for a TOASTed column an update did
-    /// not change). Call before [`FeatureEngine::process`] and before writing the batch.
-    pub fn fill_unchanged_toast(&self, batch: &mut ChangeBatch) -> Result<(), FeatureError> {
-        for (t, cells) in batch.unchanged_toast.iter_mut().enumerate() {
-            if cells.is_empty() {
-                continue;
-            }
-            if let Some(rows) = &batch.tables[t] {
-                let filled = self.tables[t].read().unwrap().fill_unchanged(rows, cells)?;
-                batch.tables[t] = Some(filled);
-            }
-            cells.clear();
-        }
-        Ok(())
     }
 
     /// An empty set of touched entities, to collect over [`FeatureEngine::apply`] calls.
@@ -304,24 +242,16 @@ impl FeatureEngine {
     /// another client touches both; see `touched::row_image_entities`). The pieces of one
     /// large transaction are applied one by one.
     pub fn apply(&self, batch: &ChangeBatch, touched: &mut Touched) -> Result<(), FeatureError> {
-        let changed = touched::changed_keys(&self.tables, batch);
+        let changed = self.state.changed_keys(batch)?;
         // Row images once, on the state before the batch: a referenced row's state after
         // it is either unchanged or one of the batch's own images, which the lookup sees.
         for (f, set) in self.files.iter().zip(touched.0.iter_mut()) {
-            set.extend(touched::entities(&self.tables, &f.mappings, &changed));
-            set.extend(touched::row_image_entities(
-                &self.tables,
-                &f.mappings,
-                batch,
-            ));
+            set.extend(touched::entities(&self.state, &f.mappings, &changed));
+            set.extend(touched::row_image_entities(&self.state, &f.mappings, batch));
         }
-        for (t, rows) in batch.tables.iter().enumerate() {
-            if let Some(rows) = rows {
-                self.tables[t].write().unwrap().apply(rows)?;
-            }
-        }
+        self.state.apply(batch)?;
         for (f, set) in self.files.iter().zip(touched.0.iter_mut()) {
-            set.extend(touched::entities(&self.tables, &f.mappings, &changed));
+            set.extend(touched::entities(&self.state, &f.mappings, &changed));
         }
         Ok(())
     }
@@ -331,7 +261,7 @@ impl FeatureEngine {
     pub async fn compute_touched(
         &self,
         touched: Touched,
-        lsn: u64,
+        lsn: Lsn,
         commit_ts_micros: i64,
     ) -> Result<Vec<FeatureRows>, FeatureError> {
         let mut out = Vec::new();
@@ -356,7 +286,7 @@ impl FeatureEngine {
         &self,
         file: &CompiledFile,
         entities: HashSet<Key>,
-        lsn: u64,
+        lsn: Lsn,
         commit_ts_micros: i64,
     ) -> FeatureQuery {
         let as_of = self.as_of_days(commit_ts_micros);
@@ -364,7 +294,7 @@ impl FeatureEngine {
         self.clock.set_days(as_of);
         let mut session = self.ctx.state();
         session.config_mut().set_extension(Arc::new(Scopes {
-            tables: touched::scopes(&self.tables, &file.mappings, &entities),
+            tables: touched::scopes(&self.state, &file.mappings, &entities),
         }));
         FeatureQuery {
             session,
@@ -389,7 +319,7 @@ struct FeatureQuery {
     features: usize,
     entities: HashSet<Key>,
     as_of: i32,
-    lsn: u64,
+    lsn: Lsn,
 }
 
 impl FeatureQuery {
@@ -435,7 +365,7 @@ impl FeatureQuery {
         let n = values.num_rows();
         let mut cols: Vec<ArrayRef> = values.columns().to_vec();
         cols.push(Arc::new(Date32Array::from(vec![self.as_of; n])));
-        cols.push(Arc::new(Int64Array::from(vec![self.lsn as i64; n])));
+        cols.push(Arc::new(Int64Array::from(vec![self.lsn.as_i64(); n])));
         let now = chrono::Utc::now().timestamp_micros();
         cols.push(Arc::new(
             TimestampMicrosecondArray::from(vec![now; n]).with_timezone("UTC"),

@@ -3,13 +3,13 @@
 //! number of touched entities, not the size of the tables.
 
 use super::FeatureError;
-use crate::batch::{ChangeBatch, OP};
+use crate::batch::ChangeBatch;
+use crate::changelog::ops;
 use crate::config::{FeatureFile, SourceMapping};
 use crate::source::TableSchema;
-use crate::state::{is_key_type, key_at, Key, StateTable, TableScope};
-use arrow::array::AsArray;
+use crate::state::{is_key_type, key_at, Changed, Key, State, StateTable, TableScope};
 use datafusion::common::{HashMap, HashSet};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::RwLockReadGuard;
 
 /// How rows of one table lead to entity keys (column positions in that table).
 #[derive(Debug, Clone)]
@@ -106,46 +106,9 @@ pub fn index_columns(t: usize, resolved: &[Vec<Option<Mapping>>]) -> Vec<usize> 
     cols
 }
 
-/// Primary keys a batch changes, per table.
-pub struct Changed {
-    keys: Vec<Key>,
-    truncated: bool,
-}
-
-pub fn changed_keys(tables: &[Arc<RwLock<StateTable>>], batch: &ChangeBatch) -> Vec<Changed> {
-    tables
-        .iter()
-        .zip(&batch.tables)
-        .map(|(t, rows)| match rows {
-            None => Changed {
-                keys: Vec::new(),
-                truncated: false,
-            },
-            Some(rows) => {
-                let truncated = rows
-                    .column_by_name(OP)
-                    .map(|c| c.as_string::<i32>().iter().any(|o| o == Some("truncate")))
-                    .unwrap_or(false);
-                Changed {
-                    keys: t.read().unwrap().batch_keys(rows),
-                    truncated,
-                }
-            }
-        })
-        .collect()
-}
-
-fn read_all(tables: &[Arc<RwLock<StateTable>>]) -> Vec<RwLockReadGuard<'_, StateTable>> {
-    tables.iter().map(|t| t.read().unwrap()).collect()
-}
-
 /// Entities the changed rows belong to in the current state.
-pub fn entities(
-    tables: &[Arc<RwLock<StateTable>>],
-    mappings: &[Option<Mapping>],
-    changed: &[Changed],
-) -> HashSet<Key> {
-    let tables = read_all(tables);
+pub fn entities(state: &State, mappings: &[Option<Mapping>], changed: &[Changed]) -> HashSet<Key> {
+    let tables = state.read();
     let mut out = HashSet::new();
     for (t, ch) in changed.iter().enumerate() {
         if mappings[t].is_none() {
@@ -210,11 +173,11 @@ fn entity_of(
 /// differently from the one whose features were committed (which may have held the
 /// insert only), and the replay must then recompute that client too.
 pub fn row_image_entities(
-    tables: &[Arc<RwLock<StateTable>>],
+    state: &State,
     mappings: &[Option<Mapping>],
     batch: &ChangeBatch,
 ) -> HashSet<Key> {
-    let state = read_all(tables);
+    let state = state.read();
     // Batch rows of each table a `Via` mapping looks into, by the referenced column.
     let mut by_ref: HashMap<(usize, usize), HashMap<Key, Vec<usize>>> = HashMap::new();
     for m in mappings.iter().flatten() {
@@ -255,12 +218,9 @@ pub fn row_image_entities(
 
 /// Rows of a raw batch that carry a full row image (inserts and updates; a delete
 /// carries only its key, a truncate nothing).
-fn live_images(rows: &arrow::array::RecordBatch) -> impl Iterator<Item = usize> + '_ {
-    let ops = rows
-        .column_by_name(OP)
-        .expect("raw batches have _op")
-        .as_string::<i32>();
-    (0..rows.num_rows()).filter(move |&i| matches!(ops.value(i), "insert" | "update"))
+fn live_images(rows: &arrow::array::RecordBatch) -> impl Iterator<Item = usize> {
+    let ops = ops(rows).expect("the batcher writes known ops");
+    (0..rows.num_rows()).filter(move |&i| ops[i].writes_row())
 }
 
 struct Images<'a> {
@@ -312,11 +272,11 @@ impl Images<'_> {
 /// Each key is hashed once here, so the scans of every feature query that follow read
 /// rows by slot.
 pub fn scopes(
-    tables: &[Arc<RwLock<StateTable>>],
+    state: &State,
     mappings: &[Option<Mapping>],
     entities: &HashSet<Key>,
 ) -> Vec<TableScope> {
-    let tables = read_all(tables);
+    let tables = state.read();
     let mut memo: Vec<Option<Vec<(u32, Key)>>> = vec![None; tables.len()];
     for t in 0..tables.len() {
         scope_of(&tables, mappings, entities, t, &mut memo);

@@ -1,11 +1,11 @@
 //! State recovery without a re-snapshot: the current image of each source table is
 //! the latest change of each primary key in its raw mirror, up to the resume point.
 
-use super::{raw_path, RunError};
-use crate::batch::{self, LSN, OP};
+use super::RunError;
+use crate::changelog::{self, Lsn, Op, TableId, LSN, OP, SEQ};
 use crate::config::quote_ident;
-use crate::features::FeatureEngine;
-use crate::sink::DeltaSink;
+use crate::features::{FeatureEngine, FeatureError};
+use crate::sink::{DeltaSink, LakeTable};
 use crate::source::TableSchema;
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{Int64Type, SchemaRef};
@@ -25,36 +25,25 @@ pub async fn rebuild_state(
     engine: &FeatureEngine,
     sink: &DeltaSink,
     schemas: &[TableSchema],
-    resume_at: u64,
+    resume_at: Lsn,
 ) -> Result<usize, RunError> {
-    let (lsn, seq, op) = (quote_ident(LSN), quote_ident(batch::SEQ), quote_ident(OP));
+    let (lsn, seq, op) = (quote_ident(LSN), quote_ident(SEQ), quote_ident(OP));
     for (t, schema) in schemas.iter().enumerate() {
-        let path = raw_path(schema);
-        let err = |message: String| RunError::Rebuild {
+        let path = LakeTable::raw(&schema.name.name);
+        let err = |e: Box<dyn std::error::Error + Send + Sync>| RunError::Rebuild {
             table: path.clone(),
-            message,
-            unreachable: false,
+            source: e,
         };
-        let read_err = |e: datafusion::error::DataFusionError| RunError::Rebuild {
-            table: path.clone(),
-            message: e.to_string(),
-            unreachable: crate::sink::store_unreachable(&e),
-        };
-        let table = sink.table(&path).ok_or_else(|| err("not open".into()))?;
+        let read_err = |e: datafusion::error::DataFusionError| err(Box::new(e));
+        let table = sink
+            .table(&path)
+            .ok_or_else(|| err("the table is not open in the sink".into()))?;
         let ctx = SessionContext::new();
         table
             .update_datafusion_session(&ctx.state())
-            .map_err(|e| err(e.to_string()))?;
-        let provider = table
-            .table_provider()
-            .await
-            .map_err(|e| RunError::Rebuild {
-                table: path.clone(),
-                message: e.to_string(),
-                unreachable: crate::sink::store_unreachable(&e),
-            })?;
-        ctx.register_table("raw", provider)
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(Box::new(e)))?;
+        let provider = table.table_provider().await.map_err(|e| err(Box::new(e)))?;
+        ctx.register_table("raw", provider).map_err(read_err)?;
 
         let after_truncate = match last_truncate(&ctx, (&lsn, &seq, &op), resume_at)
             .await
@@ -64,8 +53,9 @@ pub async fn rebuild_state(
             None => String::new(),
         };
         let sql = format!(
-            "SELECT * FROM raw WHERE {lsn} < {resume} AND {op} <> 'truncate'{after_truncate}",
-            resume = resume_at as i64,
+            "SELECT * FROM raw WHERE {lsn} < {resume} AND {op} <> '{truncate}'{after_truncate}",
+            resume = resume_at.as_i64(),
+            truncate = Op::Truncate.as_str(),
         );
         let mut stream = ctx
             .sql(&sql)
@@ -74,14 +64,17 @@ pub async fn rebuild_state(
             .execute_stream()
             .await
             .map_err(read_err)?;
-        let want = batch::raw_schema(schema);
+        let want = changelog::raw_schema(&schema.schema);
         let mut applied = HashMap::new();
         while let Some(b) = stream.next().await {
-            let b = conform(&b.map_err(read_err)?, &want).map_err(err)?;
-            engine.load_unordered(t, &b, &mut applied)?;
+            let b = conform(&b.map_err(read_err)?, &want).map_err(|m| err(m.into()))?;
+            engine
+                .state()
+                .load_unordered(TableId::new(t), &b, &mut applied)
+                .map_err(FeatureError::from)?;
         }
     }
-    Ok(engine.state_sizes().iter().sum())
+    Ok(engine.state().sizes().iter().sum())
 }
 
 /// `(_lsn, _seq)` of the last truncate before `resume_at`, if any. `lsn`, `seq` and
@@ -89,13 +82,14 @@ pub async fn rebuild_state(
 async fn last_truncate(
     ctx: &SessionContext,
     (lsn, seq, op): (&str, &str, &str),
-    resume_at: u64,
+    resume_at: Lsn,
 ) -> datafusion::error::Result<Option<(i64, i64)>> {
     let batches = ctx
         .sql(&format!(
-            "SELECT {lsn}, {seq} FROM raw WHERE {op} = 'truncate' AND {lsn} < {resume} \
+            "SELECT {lsn}, {seq} FROM raw WHERE {op} = '{truncate}' AND {lsn} < {resume} \
              ORDER BY {lsn} DESC, {seq} DESC LIMIT 1",
-            resume = resume_at as i64,
+            resume = resume_at.as_i64(),
+            truncate = Op::Truncate.as_str(),
         ))
         .await?
         .collect()

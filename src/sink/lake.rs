@@ -2,7 +2,7 @@
 //! plus the storage options handed to delta-rs. Every table the pipeline or a reader opens
 //! goes through here, so local and S3 lakes share one code path.
 
-use super::SinkError;
+use super::{LakeTable, Mark, SinkError};
 use deltalake::logstore::object_store::ObjectStoreExt;
 use deltalake::logstore::{object_store_factories, ObjectStoreRef, StorageConfig};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
@@ -98,18 +98,18 @@ impl Lake {
         })
     }
 
-    /// `<root>/<path>/`.
-    pub fn table_url(&self, path: &str) -> Result<Url, SinkError> {
+    /// The table's directory URL, `<root>/<path>/`.
+    pub fn table_url(&self, table: &LakeTable) -> Result<Url, SinkError> {
         self.root
-            .join(&format!("{path}/"))
+            .join(&format!("{}/", table.path()))
             .map_err(|e| SinkError::Url {
                 url: self.root.to_string(),
                 message: e.to_string(),
             })
     }
 
-    /// The table at `path`, loaded if it exists, otherwise uninitialised (version None).
-    pub async fn table(&self, path: &str) -> Result<DeltaTable, SinkError> {
+    /// The table, loaded if it exists, otherwise uninitialised (version None).
+    pub async fn table(&self, path: &LakeTable) -> Result<DeltaTable, SinkError> {
         let url = self.table_url(path)?;
         if self.is_local() {
             if let Ok(p) = url.to_file_path() {
@@ -117,7 +117,7 @@ impl Lake {
             }
         }
         let derr = |source| SinkError::Delta {
-            table: path.to_string(),
+            table: path.clone(),
             source,
         };
         let builder = DeltaTableBuilder::from_url(url.clone())
@@ -149,8 +149,8 @@ impl Lake {
         Ok(factory.parse_url_opts(url, &config)?.0)
     }
 
-    /// The existing table at `path`, or an error saying it is missing.
-    pub async fn existing_table(&self, path: &str) -> Result<DeltaTable, SinkError> {
+    /// The existing table, or an error saying it is missing.
+    pub async fn existing_table(&self, path: &LakeTable) -> Result<DeltaTable, SinkError> {
         let table = self.table(path).await?;
         if table.version().is_none() {
             return Err(SinkError::Missing(format!("{}{path}", self.root)));
@@ -160,24 +160,24 @@ impl Lake {
 }
 
 impl Lake {
-    /// The pipeline's own small files beside the tables: `<root>/_pipeline/<name>`.
+    /// The store and path of one of the pipeline's own marks.
     fn marker(
         &self,
-        name: &str,
+        mark: Mark,
     ) -> Result<(deltalake::logstore::ObjectStoreRef, deltalake::Path), SinkError> {
         let store =
             deltalake::logstore::store_for(&self.root, self.options.clone()).map_err(|source| {
-                SinkError::Delta {
-                    table: "_pipeline".into(),
+                SinkError::Open {
+                    root: self.root.to_string(),
                     source,
                 }
             })?;
-        Ok((store, deltalake::Path::from(format!("_pipeline/{name}"))))
+        Ok((store, deltalake::Path::from(mark.path())))
     }
 
-    /// Writes the marker `name` (durably, before returning).
-    pub async fn put_marker(&self, name: &str, body: String) -> Result<(), SinkError> {
-        let (store, path) = self.marker(name)?;
+    /// Writes `mark` (durably, before returning).
+    pub async fn put_marker(&self, mark: Mark, body: String) -> Result<(), SinkError> {
+        let (store, path) = self.marker(mark)?;
         store
             .put(&path, body.into())
             .await
@@ -188,8 +188,8 @@ impl Lake {
             })
     }
 
-    pub async fn has_marker(&self, name: &str) -> Result<bool, SinkError> {
-        let (store, path) = self.marker(name)?;
+    pub async fn has_marker(&self, mark: Mark) -> Result<bool, SinkError> {
+        let (store, path) = self.marker(mark)?;
         match store.head(&path).await {
             Ok(_) => Ok(true),
             Err(deltalake::ObjectStoreError::NotFound { .. }) => Ok(false),
@@ -200,8 +200,8 @@ impl Lake {
         }
     }
 
-    pub async fn remove_marker(&self, name: &str) -> Result<(), SinkError> {
-        let (store, path) = self.marker(name)?;
+    pub async fn remove_marker(&self, mark: Mark) -> Result<(), SinkError> {
+        let (store, path) = self.marker(mark)?;
         match store.delete(&path).await {
             Ok(()) | Err(deltalake::ObjectStoreError::NotFound { .. }) => Ok(()),
             Err(source) => Err(SinkError::Store {
@@ -267,7 +267,7 @@ mod tests {
         let s3 = Lake::new("s3://bucket/prefix", &none).unwrap();
         assert_eq!(s3.root().as_str(), "s3://bucket/prefix/");
         assert_eq!(
-            s3.table_url("raw/loan").unwrap().as_str(),
+            s3.table_url(&LakeTable::raw("loan")).unwrap().as_str(),
             "s3://bucket/prefix/raw/loan/"
         );
         assert!(!s3.is_local());

@@ -6,7 +6,7 @@
 //! It works on its own table handles: a compaction commits concurrently with appends, and
 //! Delta's conflict check lets a blind append and a compaction of older files both land.
 
-use super::{Lake, SinkError};
+use super::{Lake, LakeTable, SinkError};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU64;
@@ -78,12 +78,12 @@ pub struct MaintenanceReport {
 /// background maintainer).
 pub async fn maintain_table(
     lake: &Lake,
-    path: &str,
+    path: &LakeTable,
     config: &MaintenanceConfig,
     compact: bool,
 ) -> Result<MaintenanceReport, SinkError> {
     let derr = |source| SinkError::Delta {
-        table: path.to_string(),
+        table: path.clone(),
         source,
     };
     let mut report = MaintenanceReport::default();
@@ -130,7 +130,7 @@ pub async fn maintain_table(
 /// Handle to the background maintainer: told about each commit, never blocks the appender.
 #[derive(Clone)]
 pub struct Maintainer {
-    tx: mpsc::Sender<String>,
+    tx: mpsc::Sender<LakeTable>,
 }
 
 impl Maintainer {
@@ -146,18 +146,18 @@ impl Maintainer {
 
     /// Records a commit to `path`. Dropped when the maintainer lags far behind: counts are
     /// a schedule, not a ledger.
-    pub fn committed(&self, path: &str) {
-        let _ = self.tx.try_send(path.to_string());
+    pub fn committed(&self, path: &LakeTable) {
+        let _ = self.tx.try_send(path.clone());
     }
 }
 
-async fn run(lake: Lake, config: MaintenanceConfig, mut rx: mpsc::Receiver<String>) {
+async fn run(lake: Lake, config: MaintenanceConfig, mut rx: mpsc::Receiver<LakeTable>) {
     #[derive(Default)]
     struct Counts {
         since_checkpoint: u64,
         since_compaction: u64,
     }
-    let mut counts: BTreeMap<String, Counts> = BTreeMap::new();
+    let mut counts: BTreeMap<LakeTable, Counts> = BTreeMap::new();
     while let Some(path) = rx.recv().await {
         let c = counts.entry(path.clone()).or_default();
         c.since_checkpoint += 1;

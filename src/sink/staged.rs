@@ -3,7 +3,7 @@
 //! stays bounded, and only the commit that carries the transaction's end references them.
 //! A crash before that commit leaves files no log entry names; vacuum removes them.
 
-use super::SinkError;
+use super::{LakeTable, SinkError};
 use arrow::array::RecordBatch;
 use arrow::compute::CastOptions;
 use arrow::datatypes::{Schema, SchemaRef};
@@ -23,7 +23,7 @@ const STAGED_ROW_GROUP_BYTES: usize = 8 * 1024 * 1024;
 /// Per table, the open writer holding a transaction's files written so far.
 #[derive(Default)]
 pub struct StagedFiles {
-    pub(super) writers: BTreeMap<String, RecordBatchWriter>,
+    pub(super) writers: BTreeMap<LakeTable, RecordBatchWriter>,
     rows: usize,
 }
 
@@ -36,13 +36,13 @@ impl StagedFiles {
     /// Encodes `rows` into files of `table` (at `path`), opening its writer on first use.
     pub(super) async fn write(
         &mut self,
-        path: &str,
+        path: &LakeTable,
         table: &DeltaTable,
         evolves: bool,
         rows: &RecordBatch,
     ) -> Result<(), SinkError> {
         let derr = |source| SinkError::Delta {
-            table: path.to_string(),
+            table: path.clone(),
             source,
         };
         if !self.writers.contains_key(path) {
@@ -55,7 +55,7 @@ impl StagedFiles {
                 .map_err(derr)?
                 .with_writer_properties(properties)
                 .with_target_file_size(STAGED_FILE_BYTES);
-            self.writers.insert(path.to_string(), writer);
+            self.writers.insert(path.clone(), writer);
         }
         let writer = self.writers.get_mut(path).expect("inserted above");
         let conformed = conform(writer, path, rows)?;
@@ -72,11 +72,11 @@ impl StagedFiles {
 /// do), and values that do not fit are an error naming the table and column.
 pub(super) fn conform(
     writer: &RecordBatchWriter,
-    path: &str,
+    path: &LakeTable,
     rows: &RecordBatch,
 ) -> Result<RecordBatch, SinkError> {
     cast_to(rows, &writer.arrow_schema()).map_err(|message| SinkError::Schema {
-        table: path.to_string(),
+        table: path.clone(),
         message,
     })
 }

@@ -1,6 +1,7 @@
 //! CDC source: Postgres catalog, publication and slot set-up, the consistent initial
 //! snapshot, and the pgoutput change stream.
 
+mod admin;
 mod catalog;
 mod connect;
 pub mod pgoutput;
@@ -8,10 +9,14 @@ mod snapshot;
 mod stream;
 pub mod text;
 
+pub use admin::{
+    check_slot_health, check_wal_level, drop_slot, emit_fence, ensure_publication,
+    replication_config, slot_status, SlotStatus, WalStatus,
+};
 pub use catalog::{arrow_type, load_schemas, relation_schema, ColumnInfo, SchemaDiff, TableSchema};
 pub use connect::{connect, ConnInfo, SESSION_OPTIONS};
 pub use snapshot::{create_slot_with_snapshot, InitialSnapshot};
-pub use stream::{ChangeStream, Op, SourceEvent, FENCE_PREFIX};
+pub use stream::{ChangeStream, SourceEvent, FENCE_PREFIX};
 
 use crate::config::TableName;
 
@@ -27,8 +32,12 @@ pub enum SourceError {
     },
     #[error("postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
-    #[error("replication connection: {0}")]
-    Replication(#[from] pgwire_replication::PgWireError),
+    #[error("replication connection: {source}")]
+    Replication {
+        /// The server's SQLSTATE, when the server refused something.
+        sqlstate: Option<String>,
+        source: pgwire_replication::PgWireError,
+    },
     #[error(
         "wal_level is `{0}`, logical replication needs `logical`. Fix: run \
          `ALTER SYSTEM SET wal_level = logical;` as a superuser and restart Postgres \
@@ -41,107 +50,38 @@ pub enum SourceError {
     Table { table: TableName, message: String },
     #[error(transparent)]
     Decode(#[from] pgoutput::DecodeError),
-    #[error("replication slot: {0}")]
-    Slot(String),
+    /// The replication protocol did not go as it must (a reply without its row, a change
+    /// before its Relation message).
+    #[error("replication protocol: {0}")]
+    Protocol(String),
+    #[error("replication stream ended unexpectedly")]
+    StreamEnded,
+    #[error("replication slot `{slot}` was dropped while the pipeline was streaming")]
+    SlotDropped { slot: String },
+    #[error(
+        "replication slot `{slot}` was invalidated (wal_status = lost): Postgres removed \
+         WAL it still needed, so changes are missing. Rebuild the lake consistently with \
+         `pipeline resnapshot <pipeline.yaml>`"
+    )]
+    SlotInvalidated { slot: String },
     #[error("snapshot of {table}: {message}")]
     Snapshot { table: TableName, message: String },
+    #[error("snapshot copy task failed: {0}")]
+    SnapshotTask(String),
 }
 
-/// Current state of the replication slot, when it exists.
-#[derive(Debug, Clone)]
-pub struct SlotInfo {
-    pub plugin: String,
-    pub database: String,
-    pub confirmed_flush_lsn: Option<u64>,
-    pub active_pid: Option<i32>,
-    pub wal_status: Option<String>,
-}
-
-pub async fn check_wal_level(client: &tokio_postgres::Client) -> Result<(), SourceError> {
-    let row = client.query_one("SHOW wal_level", &[]).await?;
-    let level: String = row.get(0);
-    if level != "logical" {
-        return Err(SourceError::WalLevel(level));
+impl From<pgwire_replication::PgWireError> for SourceError {
+    fn from(source: pgwire_replication::PgWireError) -> SourceError {
+        // The replication client keeps only the server's formatted message; its SQLSTATE
+        // is read out once, here, for the retry policy.
+        let sqlstate = match &source {
+            pgwire_replication::PgWireError::Server(m) => m
+                .split("SQLSTATE ")
+                .nth(1)
+                .and_then(|c| c.get(..5))
+                .map(str::to_string),
+            _ => None,
+        };
+        SourceError::Replication { sqlstate, source }
     }
-    Ok(())
-}
-
-/// Creates the publication for exactly the configured tables, or adds missing ones.
-pub async fn ensure_publication(
-    client: &tokio_postgres::Client,
-    name: &str,
-    tables: &[TableName],
-) -> Result<(), SourceError> {
-    let quoted = crate::config::quote_ident(name);
-    let exists = client
-        .query_opt(
-            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
-            &[&name],
-        )
-        .await?;
-    match exists {
-        None => {
-            let list: Vec<String> = tables.iter().map(TableName::quoted).collect();
-            client
-                .batch_execute(&format!(
-                    "CREATE PUBLICATION {quoted} FOR TABLE {}",
-                    list.join(", ")
-                ))
-                .await?;
-            tracing::info!(publication = name, "created publication");
-        }
-        Some(row) if row.get::<_, bool>(0) => {}
-        Some(_) => {
-            for t in tables {
-                let has = client
-                    .query_opt(
-                        "SELECT 1 FROM pg_publication_tables
-                          WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                        &[&name, &t.schema, &t.name],
-                    )
-                    .await?;
-                if has.is_none() {
-                    client
-                        .batch_execute(&format!(
-                            "ALTER PUBLICATION {quoted} ADD TABLE {}",
-                            t.quoted()
-                        ))
-                        .await?;
-                    tracing::info!(publication = name, table = %t, "added table to publication");
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-pub async fn slot_info(
-    client: &tokio_postgres::Client,
-    slot: &str,
-) -> Result<Option<SlotInfo>, SourceError> {
-    let row = client
-        .query_opt(
-            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, active_pid, wal_status
-               FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await?;
-    Ok(row.map(|r| SlotInfo {
-        plugin: r.get::<_, Option<String>>(0).unwrap_or_default(),
-        database: r.get::<_, Option<String>>(1).unwrap_or_default(),
-        confirmed_flush_lsn: parse_lsn(r.get(2)),
-        active_pid: r.get(3),
-        wal_status: r.get(4),
-    }))
-}
-
-/// An LSN as Postgres prints it (`16/B374D848`, read as text from a query), if any.
-pub fn parse_lsn(text: Option<String>) -> Option<u64> {
-    text.and_then(|s| pgwire_replication::Lsn::parse(&s).ok())
-        .map(|l| l.as_u64())
-}
-
-/// Formats a 64-bit LSN the way Postgres prints it (`16/B374D848`).
-pub fn lsn_string(lsn: u64) -> String {
-    pgwire_replication::Lsn::from_u64(lsn).to_pg_string()
 }

@@ -16,7 +16,7 @@ const CHUNK_ROWS: usize = 64 * 1024;
 
 pub struct InitialSnapshot {
     /// The slot's consistent point: the stream starts right after it.
-    pub consistent_lsn: u64,
+    pub consistent_lsn: crate::changelog::Lsn,
     /// Row images per configured table.
     pub tables: Vec<Vec<RecordBatch>>,
     /// When the snapshot was taken (unix micros).
@@ -40,20 +40,22 @@ pub async fn create_slot_with_snapshot(
         .await?;
     let row = rows
         .first()
-        .ok_or_else(|| SourceError::Slot("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        .ok_or_else(|| SourceError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
     let text = |i: usize| {
         row.get(i)
             .and_then(|v| v.as_ref())
             .map(|b| String::from_utf8_lossy(b).into_owned())
             .ok_or_else(|| {
-                SourceError::Slot(format!("CREATE_REPLICATION_SLOT: column {i} missing"))
+                SourceError::Protocol(format!("CREATE_REPLICATION_SLOT: column {i} missing"))
             })
     };
-    let consistent_lsn = pgwire_replication::Lsn::parse(&text(1)?)
-        .map_err(|e| SourceError::Slot(format!("bad consistent point: {e}")))?
-        .as_u64();
+    let consistent_lsn: crate::changelog::Lsn = text(1)?.parse().map_err(|e| {
+        SourceError::Protocol(format!(
+            "CREATE_REPLICATION_SLOT: bad consistent point: {e}"
+        ))
+    })?;
     let snapshot_name = text(2)?;
-    tracing::info!(slot, consistent_lsn = %super::lsn_string(consistent_lsn), snapshot = %snapshot_name,
+    tracing::info!(slot, %consistent_lsn, snapshot = %snapshot_name,
         "created replication slot with exported snapshot");
     let taken_at_micros = chrono::Utc::now().timestamp_micros();
 
@@ -66,8 +68,7 @@ pub async fn create_slot_with_snapshot(
     });
     let mut tables = Vec::with_capacity(schemas.len());
     for handle in futures::future::join_all(copies).await {
-        let batches =
-            handle.map_err(|e| SourceError::Slot(format!("snapshot task failed: {e}")))??;
+        let batches = handle.map_err(|e| SourceError::SnapshotTask(e.to_string()))??;
         tables.push(batches);
     }
     let total: usize = tables.iter().flatten().map(RecordBatch::num_rows).sum();

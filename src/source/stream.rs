@@ -3,8 +3,8 @@
 
 use super::pgoutput::{self, Datum, Message};
 use super::{SourceError, TableSchema};
-use futures::FutureExt;
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use crate::changelog::{Lsn, Op, TableId};
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use std::collections::HashMap;
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
@@ -13,57 +13,38 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 /// Prefix of the logical messages the pipeline emits as fences (see `--once`).
 pub const FENCE_PREFIX: &str = "pipeline.fence";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    Insert,
-    Update,
-    Delete,
-    Truncate,
-}
-
-impl Op {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Op::Insert => "insert",
-            Op::Update => "update",
-            Op::Delete => "delete",
-            Op::Truncate => "truncate",
-        }
-    }
-}
-
 #[derive(Debug)]
 pub enum SourceEvent {
     Begin {
-        commit_lsn: u64,
+        commit_lsn: Lsn,
         commit_ts_micros: i64,
     },
     /// A row change; `row` is in the configured table's column order.
     Change {
-        table: usize,
+        table: TableId,
         op: Op,
         row: Vec<Datum>,
     },
     Commit {
-        commit_lsn: u64,
-        end_lsn: u64,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
         commit_ts_micros: i64,
     },
     /// Our own fence message: everything committed before it has been delivered.
     Fence { token: String },
     /// A server keepalive: every transaction committed before `wal_end` has been sent.
-    Heartbeat { wal_end: u64 },
+    Heartbeat { wal_end: Lsn },
     /// A Relation message describes a configured table with other columns than the
     /// running schema (ALTER TABLE): the stages must be rebuilt on the new schema
     /// before the transaction that carries it can be processed.
     SchemaChanged {
-        table: usize,
+        table: TableId,
         columns: Vec<pgoutput::RelationColumn>,
     },
 }
 
 struct RelationMap {
-    table: usize,
+    table: TableId,
     /// pgoutput column position → configured column position.
     columns: Vec<Option<usize>>,
 }
@@ -87,8 +68,8 @@ impl ChangeStream {
     }
 
     /// Tells Postgres that everything up to `lsn` is durable downstream.
-    pub fn ack(&self, lsn: u64) {
-        self.client.update_applied_lsn(Lsn::from_u64(lsn));
+    pub fn ack(&self, lsn: Lsn) {
+        self.client.update_applied_lsn(lsn.into());
     }
 
     /// Next event; `None` when the server ended the stream.
@@ -101,20 +82,6 @@ impl ChangeStream {
                 return Ok(None);
             };
             self.handle(ev)?;
-        }
-    }
-
-    /// The next event if one is already buffered, without waiting.
-    pub fn try_next(&mut self) -> Result<Option<SourceEvent>, SourceError> {
-        loop {
-            if let Some(ev) = self.queued.pop_front() {
-                return Ok(Some(ev));
-            }
-            match self.client.recv().now_or_never() {
-                None | Some(Ok(None)) => return Ok(None),
-                Some(Err(e)) => return Err(e.into()),
-                Some(Ok(Some(ev))) => self.handle(ev)?,
-            }
         }
     }
 
@@ -138,7 +105,7 @@ impl ChangeStream {
                 commit_time_micros,
                 ..
             } => self.queued.push_back(SourceEvent::Begin {
-                commit_lsn: final_lsn.as_u64(),
+                commit_lsn: final_lsn.into(),
                 commit_ts_micros: commit_time_micros + PG_EPOCH_OFFSET_MICROS,
             }),
             ReplicationEvent::Commit {
@@ -146,8 +113,8 @@ impl ChangeStream {
                 end_lsn,
                 commit_time_micros,
             } => self.queued.push_back(SourceEvent::Commit {
-                commit_lsn: lsn.as_u64(),
-                end_lsn: end_lsn.as_u64(),
+                commit_lsn: lsn.into(),
+                end_lsn: end_lsn.into(),
                 commit_ts_micros: commit_time_micros + PG_EPOCH_OFFSET_MICROS,
             }),
             ReplicationEvent::Message {
@@ -158,7 +125,7 @@ impl ChangeStream {
             ReplicationEvent::XLogData { data, .. } => self.decode(&data)?,
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 self.queued.push_back(SourceEvent::Heartbeat {
-                    wal_end: wal_end.as_u64(),
+                    wal_end: wal_end.into(),
                 })
             }
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
@@ -177,9 +144,10 @@ impl ChangeStream {
                 let table = self
                     .schemas
                     .iter()
-                    .position(|s| s.name.schema == namespace && s.name.name == name);
+                    .position(|s| s.name.schema == namespace && s.name.name == name)
+                    .map(TableId::new);
                 let map = table.map(|table| {
-                    let schema = &self.schemas[table];
+                    let schema = &self.schemas[table.index()];
                     RelationMap {
                         table,
                         columns: columns
@@ -189,7 +157,7 @@ impl ChangeStream {
                     }
                 });
                 if let Some(table) = table {
-                    if !self.schemas[table].matches(&columns) {
+                    if !self.schemas[table.index()].matches(&columns) {
                         self.queued
                             .push_back(SourceEvent::SchemaChanged { table, columns });
                     }
@@ -211,7 +179,7 @@ impl ChangeStream {
             Message::Truncate { rels } => {
                 for rel in rels {
                     if let Some(Some(m)) = self.relations.get(&rel) {
-                        let n = self.schemas[m.table].columns.len();
+                        let n = self.schemas[m.table.index()].columns.len();
                         self.queued.push_back(SourceEvent::Change {
                             table: m.table,
                             op: Op::Truncate,
@@ -229,7 +197,7 @@ impl ChangeStream {
         let Some(Some(m)) = self.relations.get(&rel) else {
             return false;
         };
-        let key = &self.schemas[m.table].key;
+        let key = &self.schemas[m.table.index()].key;
         m.columns.iter().enumerate().any(|(i, target)| {
             target.is_some_and(|j| key.contains(&j))
                 && old.get(i) != new.get(i)
@@ -242,12 +210,12 @@ impl ChangeStream {
             Some(Some(m)) => m,
             Some(None) => return Ok(()), // not one of ours
             None => {
-                return Err(SourceError::Slot(format!(
+                return Err(SourceError::Protocol(format!(
                     "change for relation {rel} arrived before its Relation message"
                 )))
             }
         };
-        let mut row = vec![Datum::Null; self.schemas[map.table].columns.len()];
+        let mut row = vec![Datum::Null; self.schemas[map.table.index()].columns.len()];
         for (v, target) in values.into_iter().zip(&map.columns) {
             if let Some(j) = target {
                 row[*j] = v;

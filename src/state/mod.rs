@@ -1,13 +1,16 @@
-//! In-memory current image of every source table, built from the snapshot and kept
-//! up to date by change batches. Exposed to DataFusion as indexed table providers.
+//! In-memory current image of every source table ([`State`]), built from the snapshot
+//! (or rebuilt from the raw mirror) and kept up to date by change batches. Exposed to
+//! DataFusion as indexed table providers whose scans a query's [`Scopes`] limit.
 
 mod key;
 mod provider;
+mod stage;
 mod store;
 mod table;
 
 pub use key::{is_key_type, key_at, Key};
 pub use provider::{Scopes, StateTableProvider, TableScope};
+pub use stage::{Changed, State};
 pub use table::StateTable;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +22,9 @@ pub enum StateError {
     },
     #[error("table {0}: a row arrived with a NULL primary key")]
     NullKey(String),
-    #[error("table {table}: unknown change operation `{op}`")]
-    UnknownOp { table: String, op: String },
+    #[error("table {table}: {source}")]
+    UnknownOp {
+        table: String,
+        source: crate::changelog::UnknownOp,
+    },
 }

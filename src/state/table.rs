@@ -4,7 +4,7 @@
 use super::key::{composite_key_at, key_at, Key};
 use super::store::RowStore;
 use super::StateError;
-use crate::batch::{LSN, OP, SEQ};
+use crate::changelog::{ops, Op, LSN, SEQ};
 use arrow::array::{ArrayRef, AsArray, RecordBatch, UInt32Array};
 use arrow::datatypes::{Int64Type, SchemaRef};
 use arrow::error::ArrowError;
@@ -90,6 +90,10 @@ impl StateTable {
 
     /// The state's version: slots from [`StateTable::lookup_slots`] and
     /// [`StateTable::slot_of`] are valid for [`StateTable::scan`] while it is unchanged.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn version(&self) -> u64 {
         self.version
     }
@@ -210,11 +214,7 @@ impl StateTable {
         self.version += 1;
         let n = self.schema.fields().len();
         let image: Vec<ArrayRef> = batch.columns()[..n].to_vec();
-        let ops = batch
-            .schema()
-            .index_of(OP)
-            .ok()
-            .map(|i| batch.column(i).as_string::<i32>().clone());
+        let ops = self.ops(batch)?;
         let rows = self
             .converter
             .convert_columns(&image)
@@ -232,9 +232,9 @@ impl StateTable {
             self.store
                 .reserve_bytes(expected * per_row + expected * per_row / 10);
         }
-        for (i, pk) in keys.into_iter().enumerate() {
-            match ops.as_ref().map(|o| o.value(i)).unwrap_or("insert") {
-                "insert" | "update" => {
+        for (i, (pk, op)) in keys.into_iter().zip(ops).enumerate() {
+            match op {
+                Op::Insert | Op::Update => {
                     if pk == Key::Null || matches!(&pk, Key::Tuple(t) if t.contains(&Key::Null)) {
                         return Err(StateError::NullKey(self.name.clone()));
                     }
@@ -256,18 +256,12 @@ impl StateTable {
                     }
                     self.rows.insert(pk, slot);
                 }
-                "delete" => self.remove(&pk),
-                "truncate" => {
+                Op::Delete => self.remove(&pk),
+                Op::Truncate => {
                     self.rows.clear();
                     self.store.clear();
                     self.index_keys.clear();
                     self.indexes.iter_mut().flatten().for_each(HashMap::clear);
-                }
-                other => {
-                    return Err(StateError::UnknownOp {
-                        table: self.name.clone(),
-                        op: other.to_string(),
-                    })
                 }
             }
         }
@@ -320,6 +314,14 @@ impl StateTable {
         self.apply(&latest)
     }
 
+    /// The operation of each row of `batch`, decoded once.
+    fn ops(&self, batch: &RecordBatch) -> Result<Vec<Op>, StateError> {
+        ops(batch).map_err(|source| StateError::UnknownOp {
+            table: self.name.clone(),
+            source,
+        })
+    }
+
     fn remove(&mut self, pk: &Key) {
         let Some(slot) = self.rows.remove(pk) else {
             return;
@@ -357,11 +359,7 @@ impl StateTable {
             Missing,
         }
         let keys = self.batch_keys(batch);
-        let ops = batch
-            .schema()
-            .index_of(OP)
-            .ok()
-            .map(|i| batch.column(i).as_string::<i32>().clone());
+        let ops = self.ops(batch)?;
         let mut latest: HashMap<&Key, usize> = HashMap::new();
         let mut resolved: HashMap<(usize, usize), Source> = HashMap::new();
         let mut from_state: Vec<u32> = Vec::new();
@@ -390,12 +388,12 @@ impl StateTable {
                 missing += usize::from(source == Source::Missing);
                 resolved.insert((row, col), source);
             }
-            match ops.as_ref().map(|o| o.value(i)).unwrap_or("insert") {
-                "delete" => {
+            match ops[i] {
+                Op::Delete => {
                     latest.remove(pk);
                 }
-                "truncate" => latest.clear(),
-                _ => {
+                Op::Truncate => latest.clear(),
+                Op::Insert | Op::Update => {
                     latest.insert(pk, i);
                 }
             }

@@ -7,7 +7,6 @@
 use crate::support::*;
 use arrow::array::AsArray;
 use arrow::datatypes::Int64Type;
-use pipeline::sink::Lake;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
@@ -183,7 +182,7 @@ pub(crate) fn run_once(p: &TestPipeline, what: &str) {
 pub(crate) async fn raw_change_counts(lake: &Lake, table: &str) -> (i64, i64, i64) {
     let b = read_delta(
         lake,
-        &format!("raw/{table}"),
+        &LakeTable::raw(table),
         "SELECT count(*), count(DISTINCT (_lsn, _seq, id)), \
                 count(*) FILTER (WHERE _lsn > (SELECT min(_lsn) FROM t)) FROM t",
     )
@@ -200,7 +199,7 @@ async fn raw_image(lake: &Lake, table: &str, cols: &str) -> BTreeMap<i64, String
          WHERE rn = 1 AND _op <> 'delete'"
     );
     let mut out = BTreeMap::new();
-    for b in read_delta(lake, &format!("raw/{table}"), &sql).await {
+    for b in read_delta(lake, &LakeTable::raw(table), &sql).await {
         let ids = b.column(0).as_primitive::<Int64Type>();
         let text = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Utf8).unwrap();
         let text = text.as_string::<i32>();
@@ -368,18 +367,20 @@ pub(crate) fn run_once_with_fault(
     )
 }
 
-const TABLES: [&str; 4] = [
-    "raw/user",
-    "raw/loan",
-    "raw/payment",
-    "features/client_features",
-];
+fn tables() -> [LakeTable; 4] {
+    [
+        LakeTable::raw("user"),
+        LakeTable::raw("loan"),
+        LakeTable::raw("payment"),
+        LakeTable::features("client_features"),
+    ]
+}
 
 /// Parquet files in the lake's table directories, as `table/file`.
 pub(crate) fn parquet_files(lake_dir: &std::path::Path) -> std::collections::BTreeSet<String> {
     let mut out = std::collections::BTreeSet::new();
-    for t in TABLES {
-        for e in std::fs::read_dir(lake_dir.join(t)).unwrap() {
+    for t in tables() {
+        for e in std::fs::read_dir(lake_dir.join(t.path())).unwrap() {
             let name = e.unwrap().file_name().into_string().unwrap();
             if name.ends_with(".parquet") {
                 out.insert(format!("{t}/{name}"));
@@ -392,8 +393,8 @@ pub(crate) fn parquet_files(lake_dir: &std::path::Path) -> std::collections::BTr
 /// Parquet files the lake's tables reference, as `table/file`.
 pub(crate) async fn referenced_files(lake: &Lake) -> std::collections::BTreeSet<String> {
     let mut out = std::collections::BTreeSet::new();
-    for t in TABLES {
-        let table = lake.existing_table(t).await.unwrap();
+    for t in tables() {
+        let table = lake.existing_table(&t).await.unwrap();
         for uri in table.get_file_uris().unwrap() {
             out.insert(format!("{t}/{}", uri.rsplit('/').next().unwrap()));
         }

@@ -530,9 +530,13 @@ async fn types_decode_to_arrow_in_snapshot_and_stream() {
         .unwrap();
     let mut rows = Vec::new();
     for _ in 0..200 {
-        rows = try_read_delta(&p.lake, "raw/typed", "SELECT * FROM t ORDER BY _lsn, _seq")
-            .await
-            .unwrap_or_default();
+        rows = try_read_delta(
+            &p.lake,
+            &LakeTable::raw("typed"),
+            "SELECT * FROM t ORDER BY _lsn, _seq",
+        )
+        .await
+        .unwrap_or_default();
         if rows.iter().map(|b| b.num_rows()).sum::<usize>() == 4 {
             break;
         }
@@ -680,7 +684,7 @@ async fn unchanged_toast_values_are_filled_from_state_not_nulled() {
     let sql = "SELECT id, first_name, last_name FROM t WHERE _op = 'update' ORDER BY _lsn, _seq";
     let mut rows = Vec::new();
     for _ in 0..200 {
-        rows = try_read_delta(&p.lake, "raw/user", sql)
+        rows = try_read_delta(&p.lake, &LakeTable::raw("user"), sql)
             .await
             .unwrap_or_default();
         if rows.iter().map(|b| b.num_rows()).sum::<usize>() >= 7 {

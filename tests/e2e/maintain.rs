@@ -4,7 +4,7 @@
 use crate::support::*;
 use arrow::array::{AsArray, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema};
-use pipeline::sink::{maintain_table, DeltaSink, Lake, Maintainer, MaintenanceConfig};
+use pipeline::sink::{maintain_table, DeltaSink, Maintainer, MaintenanceConfig};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
     let mut sink = DeltaSink::open_with(
         lake.clone(),
         "maint".into(),
-        vec![("t".into(), schema.clone())],
+        vec![(t(), schema.clone())],
         &config.table_properties(),
     )
     .await
@@ -42,7 +42,7 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
     for v in 1..=commits {
         let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![v]))])
             .unwrap();
-        sink.commit(vec![("t".into(), vec![batch])], v as u64)
+        sink.append(vec![(t(), vec![batch])], Lsn::new(v as u64))
             .await
             .unwrap();
     }
@@ -52,7 +52,7 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
         .unwrap()
         .unwrap();
 
-    let log = dir.path().join("lake/t/_delta_log");
+    let log = dir.path().join("lake").join(t().path()).join("_delta_log");
     // Earlier checkpoints are gone with the log before them (retention 0): the last one
     // tells how far the maintainer got.
     let last_checkpoint = std::fs::read_to_string(log.join("_last_checkpoint")).unwrap();
@@ -70,7 +70,7 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
         (40..60).contains(&checkpoint_version),
         "checkpoints every 10 commits, the last one at version 40..59: {last_checkpoint}"
     );
-    let table = lake.existing_table("t").await.unwrap();
+    let table = lake.existing_table(&t()).await.unwrap();
     // 40 one-row files compacted into one, plus the 5 appended after the compaction.
     assert!(
         active_files(&table) <= 6,
@@ -79,7 +79,7 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
     );
     let rows = read_delta(
         &lake,
-        "t",
+        &t(),
         "SELECT count(*), count(DISTINCT v), sum(v) FROM t",
     )
     .await;
@@ -91,14 +91,14 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
 
     // `pipeline maintain` path: compacts the rest; vacuum keeps files inside the retention.
     let started = Instant::now();
-    let report = maintain_table(&lake, "t", &config, true).await.unwrap();
-    let table = lake.existing_table("t").await.unwrap();
+    let report = maintain_table(&lake, &t(), &config, true).await.unwrap();
+    let table = lake.existing_table(&t()).await.unwrap();
     assert_eq!(active_files(&table), 1, "after maintain: {report:?}");
     assert_eq!(
         report.files_vacuumed, 0,
         "files removed < 1 h ago are kept for old readers"
     );
-    let rows = read_delta(&lake, "t", "SELECT count(*), sum(v) FROM t").await;
+    let rows = read_delta(&lake, &t(), "SELECT count(*), sum(v) FROM t").await;
     assert_eq!(
         (col_at(&rows, 0), col_at(&rows, 1)),
         (commits, commits * (commits + 1) / 2),

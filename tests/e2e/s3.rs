@@ -310,7 +310,7 @@ async fn two_writers_never_overwrite(lake: &pipeline::sink::Lake, simultaneous: 
     use arrow::datatypes::{DataType, Field, Schema};
     use pipeline::sink::DeltaSink;
     let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
-    let spec = || vec![("t".to_string(), schema.clone())];
+    let spec = || vec![(t(), schema.clone())];
     let mut a = DeltaSink::open(lake.clone(), "writer-a".into(), spec())
         .await
         .unwrap();
@@ -318,29 +318,29 @@ async fn two_writers_never_overwrite(lake: &pipeline::sink::Lake, simultaneous: 
         .await
         .unwrap();
     let rounds = 15i64;
-    let batch = |v: i64| vec![("t".to_string(), vec![one_column_batch(&schema, vec![v])])];
+    let batch = |v: i64| vec![(t(), vec![one_column_batch(&schema, vec![v])])];
     if simultaneous {
         tokio::join!(
             async {
                 for v in 1..=rounds {
-                    a.commit(batch(v), v as u64).await.unwrap();
+                    a.append(batch(v), Lsn::new(v as u64)).await.unwrap();
                 }
             },
             async {
                 for v in 1..=rounds {
-                    b.commit(batch(-v), v as u64).await.unwrap();
+                    b.append(batch(-v), Lsn::new(v as u64)).await.unwrap();
                 }
             }
         );
     } else {
         for v in 1..=rounds {
-            a.commit(batch(v), v as u64).await.unwrap();
-            b.commit(batch(-v), v as u64).await.unwrap();
+            a.append(batch(v), Lsn::new(v as u64)).await.unwrap();
+            b.append(batch(-v), Lsn::new(v as u64)).await.unwrap();
         }
     }
     let rows = read_delta(
         lake,
-        "t",
+        &t(),
         "SELECT count(*), count(DISTINCT v), sum(abs(v)) FROM t",
     )
     .await;
@@ -357,7 +357,7 @@ async fn two_writers_never_overwrite(lake: &pipeline::sink::Lake, simultaneous: 
         "every commit of both writers, once"
     );
     assert_eq!(col(2), rounds * (rounds + 1));
-    let table = lake.existing_table("t").await.unwrap();
+    let table = lake.existing_table(&t()).await.unwrap();
     assert_eq!(
         table.version(),
         Some(2 * rounds as u64),
@@ -373,7 +373,7 @@ async fn two_writers_never_overwrite(lake: &pipeline::sink::Lake, simultaneous: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_commits_are_never_overwritten_and_a_lost_reply_is_recognised() {
     use arrow::datatypes::{DataType, Field, Schema};
-    use pipeline::sink::{DeltaSink, Lake};
+    use pipeline::sink::{DeltaSink, Destination, Lake};
     let dir = tempfile::tempdir().unwrap();
     let local = Lake::new(dir.path().to_str().unwrap(), &Default::default()).unwrap();
     two_writers_never_overwrite(&local, true).await;
@@ -383,32 +383,35 @@ async fn s3_commits_are_never_overwritten_and_a_lost_reply_is_recognised() {
     let lake = Lake::new(&url, &options).unwrap();
     let rounds = two_writers_never_overwrite(&lake, false).await;
     let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
-    let spec = || vec![("t".to_string(), schema.clone())];
+    let spec = || vec![(t(), schema.clone())];
 
     // A stale writer of app `writer-a` retries version 15, which is already committed.
     let mut stale = DeltaSink::open(lake.clone(), "writer-a".into(), spec())
         .await
         .unwrap();
-    assert_eq!(stale.committed("t"), rounds as u64);
+    assert_eq!(
+        stale.resume_point().committed(&t()),
+        Lsn::new(rounds as u64)
+    );
     let mut a2 = DeltaSink::open(lake.clone(), "writer-a".into(), spec())
         .await
         .unwrap();
-    a2.commit(
-        vec![("t".into(), vec![one_column_batch(&schema, vec![100])])],
-        16,
+    a2.append(
+        vec![(t(), vec![one_column_batch(&schema, vec![100])])],
+        Lsn::new(16),
     )
     .await
     .unwrap();
     // `stale` did not see version 16 land (its reply was "lost"): its retry must not add it again.
     stale
-        .commit(
-            vec![("t".into(), vec![one_column_batch(&schema, vec![100])])],
-            16,
+        .append(
+            vec![(t(), vec![one_column_batch(&schema, vec![100])])],
+            Lsn::new(16),
         )
         .await
         .unwrap();
-    assert_eq!(stale.committed("t"), 16);
-    let rows = read_delta(&lake, "t", "SELECT count(*) FROM t WHERE v = 100").await;
+    assert_eq!(stale.resume_point().committed(&t()), Lsn::new(16));
+    let rows = read_delta(&lake, &t(), "SELECT count(*) FROM t WHERE v = 100").await;
     assert_eq!(
         col_of(&rows),
         1,

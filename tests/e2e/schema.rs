@@ -6,7 +6,6 @@
 use super::*;
 use arrow::array::AsArray;
 use arrow::datatypes::DataType;
-use pipeline::sink::Lake;
 
 /// `(op, status, note)` of every raw/loan row of loan `id`, in change order.
 async fn loan_history(lake: &Lake, id: i32) -> Vec<(String, String, Option<String>)> {
@@ -15,7 +14,7 @@ async fn loan_history(lake: &Lake, id: i32) -> Vec<(String, String, Option<Strin
          FROM t WHERE id = {id} ORDER BY _lsn, _seq"
     );
     // Empty until the mirror has the column (the stages may not have seen the ALTER yet).
-    let has_note = match lake.existing_table("raw/loan").await {
+    let has_note = match lake.existing_table(&LakeTable::raw("loan")).await {
         Ok(t) => t
             .snapshot()
             .is_ok_and(|s| s.schema().fields().any(|f| f.name() == "note")),
@@ -24,7 +23,7 @@ async fn loan_history(lake: &Lake, id: i32) -> Vec<(String, String, Option<Strin
     if !has_note {
         return Vec::new();
     }
-    let batches = try_read_delta(lake, "raw/loan", &sql)
+    let batches = try_read_delta(lake, &LakeTable::raw("loan"), &sql)
         .await
         .unwrap_or_default();
     let mut out = Vec::new();
@@ -215,7 +214,7 @@ async fn a_feature_reading_a_dropped_column_stops_the_pipeline_naming_it() {
 /// `amount` of every raw/loan row of loan `id`, in change order, as doubles.
 async fn loan_amounts(lake: &Lake, id: i32) -> Vec<f64> {
     let sql = format!("SELECT CAST(amount AS DOUBLE) FROM t WHERE id = {id} ORDER BY _lsn, _seq");
-    let batches = try_read_delta(lake, "raw/loan", &sql)
+    let batches = try_read_delta(lake, &LakeTable::raw("loan"), &sql)
         .await
         .unwrap_or_default();
     let mut out = Vec::new();

@@ -3,8 +3,9 @@
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int32Type, Int64Type};
+pub use pipeline::changelog::Lsn;
 use pipeline::config::Pipeline;
-use pipeline::sink::Lake;
+pub use pipeline::sink::{Lake, LakeTable};
 use pipeline::source::ConnInfo;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -126,15 +127,24 @@ impl TestPipeline {
     }
 }
 
-/// Runs `sql_over_t` over the Delta table `<lake>/<path>` (registered as `t`).
-pub async fn read_delta(lake: &Lake, path: &str, sql_over_t: &str) -> Vec<RecordBatch> {
+/// The one table of the sink-level tests.
+pub fn t() -> LakeTable {
+    LakeTable::features("t")
+}
+
+/// Runs `sql_over_t` over the Delta table `path` of the lake (registered as `t`).
+pub async fn read_delta(lake: &Lake, path: &LakeTable, sql_over_t: &str) -> Vec<RecordBatch> {
     try_read_delta(lake, path, sql_over_t)
         .await
         .unwrap_or_else(|| panic!("no Delta table at {}{path}", lake.root()))
 }
 
 /// As `read_delta`, or None while the table does not exist yet.
-pub async fn try_read_delta(lake: &Lake, path: &str, sql_over_t: &str) -> Option<Vec<RecordBatch>> {
+pub async fn try_read_delta(
+    lake: &Lake,
+    path: &LakeTable,
+    sql_over_t: &str,
+) -> Option<Vec<RecordBatch>> {
     let table = lake.existing_table(path).await.ok()?;
     let ctx = datafusion::prelude::SessionContext::new();
     table.update_datafusion_session(&ctx.state()).unwrap();
@@ -174,7 +184,7 @@ impl Features {
 pub async fn latest_features(lake: &Lake) -> BTreeMap<i64, Features> {
     let batches = try_read_delta(
         lake,
-        "features/client_features",
+        &LakeTable::features("client_features"),
         "SELECT client_id, paid_loans_count, days_since_last_late_payment, profit_in_last_90_days_rate, _deleted
            FROM (SELECT *, row_number() OVER (PARTITION BY client_id ORDER BY _lsn DESC, computed_at DESC) AS rn FROM t)
           WHERE rn = 1",
@@ -378,7 +388,7 @@ pub async fn wait_slot_active(client: &tokio_postgres::Client, slot: &str) {
 pub async fn raw_counts(lake: &Lake, table: &str) -> (i64, i64) {
     let b = read_delta(
         lake,
-        &format!("raw/{table}"),
+        &LakeTable::raw(table),
         "SELECT count(*), count(DISTINCT (_lsn, _seq, id)) FROM t",
     )
     .await;
