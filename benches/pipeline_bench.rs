@@ -17,6 +17,7 @@
 //! default 1,000,000), BENCH_COMMITS (default 10,000), BENCH_LARGE_TXN_ROWS (default
 //! 1,000,000), BENCH_COMPACT_EVERY (section 5's compaction interval); 0 skips a section.
 
+use pipeline::config::{LakeConfig, PipelineConfig, SourceConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -32,23 +33,18 @@ fn bin() -> &'static str {
 }
 
 fn write_pipeline(dir: &Path, url: &str, as_of: &str) -> PathBuf {
-    let lake = format!("lake:\n  url: {}\n", dir.join("lake").display());
-    write_pipeline_with_lake(dir, url, as_of, &lake)
+    let lake = LakeConfig::new(dir.join("lake").display().to_string());
+    write_pipeline_with_lake(dir, url, as_of, lake)
 }
 
-/// `lake_yaml`: the pipeline file's `lake:` section.
-fn write_pipeline_with_lake(dir: &Path, url: &str, as_of: &str, lake_yaml: &str) -> PathBuf {
+fn write_pipeline_with_lake(dir: &Path, url: &str, as_of: &str, lake: LakeConfig) -> PathBuf {
     let features = Path::new(env!("CARGO_MANIFEST_DIR")).join("feature_defs/client_features.yaml");
+    let mut source = SourceConfig::new(url, "bench_pub", &["user", "loan", "payment"]);
+    source.slot = Some("bench_slot".into());
+    let mut config = PipelineConfig::new("bench", source, lake, vec![features]);
+    config.clock.as_of = Some(as_of.to_string());
     let file = dir.join("pipeline.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "name: bench\nsource:\n  url: {url}\n  publication: bench_pub\n  slot: bench_slot\n  tables: [user, loan, payment]\n\
-             {lake_yaml}features:\n  - {}\nclock:\n  as_of: {as_of}\n",
-            features.display()
-        ),
-    )
-    .unwrap();
+    config.save(&file).unwrap();
     file
 }
 
@@ -177,12 +173,18 @@ fn main() {
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap();
-            let lake = format!(
-                "lake:\n  url: s3://lake/bench\n  storage_options:\n    aws_endpoint: http://127.0.0.1:{port}\n    \
-                 aws_allow_http: \"true\"\n    aws_region: us-east-1\n    aws_access_key_id: bench\n    \
-                 aws_secret_access_key: bench-secret\n"
-            );
-            let s3_file = write_pipeline_with_lake(s3_dir.path(), &url, "", &lake);
+            let mut lake = LakeConfig::new("s3://lake/bench");
+            lake.storage_options = [
+                ("aws_endpoint", format!("http://127.0.0.1:{port}")),
+                ("aws_allow_http", "true".into()),
+                ("aws_region", "us-east-1".into()),
+                ("aws_access_key_id", "bench".into()),
+                ("aws_secret_access_key", "bench-secret".into()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            let s3_file = write_pipeline_with_lake(s3_dir.path(), &url, "", lake);
             // s3s-fs keeps each object as a file: a commit is visible once its file exists.
             let s3_log = data.join("lake/bench/features/client_features/_delta_log");
             let s3 = change_to_visible(&url, &s3_file, s3_dir.path(), &s3_log, changes);
@@ -302,11 +304,11 @@ fn read_after_many_commits(url: &str, commits: u64) {
     drop_slot(url);
     let dir = tempfile::tempdir().unwrap();
     // BENCH_COMPACT_EVERY: the maintainer's compaction interval (default: the pipeline's).
-    let mut lake = format!("lake:\n  url: {}\n", dir.path().join("lake").display());
+    let mut lake = LakeConfig::new(dir.path().join("lake").display().to_string());
     if let Ok(n) = std::env::var("BENCH_COMPACT_EVERY") {
-        lake.push_str(&format!("  maintenance:\n    compact_every_commits: {n}\n"));
+        lake.maintenance.compact_every_commits = n.parse().expect("BENCH_COMPACT_EVERY: a number");
     }
-    let file = write_pipeline_with_lake(dir.path(), url, "", &lake);
+    let file = write_pipeline_with_lake(dir.path(), url, "", lake);
     let table = dir.path().join("lake/features/client_features");
     let delta_log = table.join("_delta_log");
     let (mut child, _) = start_streaming(&file, &dir.path().join("many.log"));

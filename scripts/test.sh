@@ -15,6 +15,9 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --all-targets -- -D warnings
 
+step "cargo doc (broken links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --document-private-items --lib --quiet
+
 step "cargo test"
 cargo test -- --test-threads=3
 

@@ -46,7 +46,7 @@ fn armed() -> Option<&'static Armed> {
 }
 
 /// Whether any fault is armed (then lake tables are opened through [`FaultyStore`]).
-pub fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     armed().is_some()
 }
 
@@ -59,7 +59,7 @@ fn fires(point: &str) -> bool {
 }
 
 /// Aborts the process at `point` when armed for it.
-pub fn crash_point(point: &str) {
+pub(crate) fn crash_point(point: &str) {
     if fires(point) {
         eprintln!("PIPELINE_CRASH_AT: aborting at `{point}`");
         std::process::abort();
@@ -68,12 +68,12 @@ pub fn crash_point(point: &str) {
 
 /// Wraps a lake's root object store to inject the commit-entry faults.
 #[derive(Debug)]
-pub struct FaultyStore {
+pub(crate) struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
 }
 
 impl FaultyStore {
-    pub fn new(inner: Arc<dyn ObjectStore>) -> FaultyStore {
+    pub(crate) fn new(inner: Arc<dyn ObjectStore>) -> FaultyStore {
         FaultyStore { inner }
     }
 }

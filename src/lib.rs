@@ -1,20 +1,40 @@
-//! Streaming feature engine for credit decisions.
+//! Streaming feature engine for credit decisions: Postgres logical replication → Arrow
+//! micro-batches → features as DataFusion SQL → Delta Lake.
 //!
-//! Data flows through one module per stage; `runner` wires them together:
-//! `source` (Postgres snapshot + pgoutput stream) → `batch` (200 ms micro-batches) →
-//! `features` (in-memory `state` + DataFusion SQL + `udfs`) → `sink` (Delta Lake).
+//! # Layout
+//!
+//! One module per stage, in the order a change row travels; [`runner`] only wires them
+//! (`docs/architecture.md` has the diagram):
+//!
+//! - [`source`]: the Postgres side: catalog → Arrow schemas, publication and slot
+//!   administration, the exported snapshot, the pgoutput change stream, and the encoding
+//!   of Postgres text values into raw change rows.
+//! - `batch`: the micro-batcher, a state machine from source events to
+//!   `ChangeBatch`es (whole transactions, pieces of large ones, the end of a `--once`
+//!   run), and the acknowledgement rules.
+//! - [`state`]: the current image of every source table, in memory, with the indexes the
+//!   features' scoped scans need.
+//! - [`features`]: the feature files planned as DataFusion SQL (plus the `udfs`), run
+//!   over the entities a batch touches.
+//! - [`sink`]: the [`sink::Destination`] contract (a commit returns once durable), Delta
+//!   Lake on a local directory or S3, the lake's layout and background maintenance.
+//! - [`runner`]: the start decision, the processor (batch → durable commits → the LSN to
+//!   acknowledge), the snapshot writer, the state rebuild, the retry policy, the supervisor.
+//!
+//! Shared by all: [`changelog`] (`Lsn`, `Op`, `TableId`, `Changes`, and the raw change
+//! log's columns) and [`config`] (typed pipeline and feature files). [`serve`] reads
+//! features back. The binary adds the CLI and the `db` dev tooling (restore, seed).
+//!
+//! What the binary, the tests and the docs do not need is `pub(crate)`.
 
-pub mod batch;
+pub(crate) mod batch;
 pub mod changelog;
 pub mod config;
-pub mod db;
-pub mod fault;
+pub(crate) mod fault;
 pub mod features;
 pub mod runner;
 pub mod serve;
 pub mod sink;
 pub mod source;
 pub mod state;
-
-#[path = "../udfs/mod.rs"]
-pub mod udfs;
+pub(crate) mod udfs;

@@ -1,8 +1,10 @@
+mod db;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use pipeline::config::Pipeline;
+use pipeline::runner;
 use pipeline::source::ConnInfo;
-use pipeline::{db, runner};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 

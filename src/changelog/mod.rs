@@ -8,9 +8,11 @@
 //! snapshot is written as inserts just before the slot's consistent point
 //! ([`snapshot_rows_as_changes`]).
 
+mod changes;
 mod lsn;
 mod op;
 
+pub use changes::Changes;
 pub use lsn::{Lsn, ParseLsnError};
 pub use op::{ops, Op, UnknownOp};
 

@@ -6,6 +6,18 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// When the row's values became true (the as-of date they were computed for).
+pub const FEATURE_TIME: &str = "feature_time";
+/// Commit LSN of the source transaction the row was computed for.
+pub const OUTPUT_LSN: &str = crate::changelog::LSN;
+/// Wall-clock time the row was computed.
+pub const COMPUTED_AT: &str = "computed_at";
+/// The entity is gone (its row in the entity table was deleted).
+pub const DELETED: &str = "_deleted";
+/// Columns every feature table has besides its key and features: no feature may take
+/// these names.
+pub const OUTPUT_COLUMNS: [&str; 4] = [FEATURE_TIME, OUTPUT_LSN, COMPUTED_AT, DELETED];
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFeatureFile {
@@ -133,13 +145,10 @@ impl FeatureFile {
         }
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let mut seen = std::collections::HashSet::new();
-        let reserved = [
-            raw.entity.key.as_str(),
-            "feature_time",
-            "_lsn",
-            "computed_at",
-            "_deleted",
-        ];
+        let reserved: Vec<&str> = [raw.entity.key.as_str()]
+            .into_iter()
+            .chain(OUTPUT_COLUMNS)
+            .collect();
         let mut feature_lines = Vec::new();
         for (i, f) in raw.features.iter().enumerate() {
             let line = find_line(&text, &f.name);

@@ -4,12 +4,17 @@
 
 mod feature_file;
 mod interpolate;
+mod maintenance;
 
-pub use feature_file::{EntityDef, FeatureDef, FeatureFile, FeatureType, SourceMapping};
+pub use feature_file::{
+    EntityDef, FeatureDef, FeatureFile, FeatureType, SourceMapping, COMPUTED_AT, DELETED,
+    FEATURE_TIME, OUTPUT_COLUMNS, OUTPUT_LSN,
+};
 pub use interpolate::interpolate;
+pub use maintenance::MaintenanceConfig;
 
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,6 +33,36 @@ pub enum ConfigError {
     },
 }
 
+/// What a section's own check found wrong: the YAML path below the section and why.
+/// [`Invalid::within`] puts the section's path in front as the error travels up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub at: String,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn at(at: impl Into<String>, message: impl Into<String>) -> Invalid {
+        Invalid {
+            at: at.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The same fault, seen from the enclosing section `section`.
+    pub fn within(self, section: &str) -> Invalid {
+        let at = match self.at.is_empty() {
+            true => section.to_string(),
+            false => format!("{section}.{}", self.at),
+        };
+        Invalid { at, ..self }
+    }
+
+    fn in_file(self, file: &Path) -> ConfigError {
+        ConfigError::invalid(file, self.at, self.message)
+    }
+}
+
 impl ConfigError {
     pub fn invalid(file: &Path, location: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError::Invalid {
@@ -39,7 +74,9 @@ impl ConfigError {
 }
 
 /// `pipelines/*.yaml`: where data comes from, how it is batched, where it goes.
-#[derive(Debug, Clone, Deserialize)]
+/// Deserialized from the file, or built in code (tests, benchmarks) and saved with
+/// [`PipelineConfig::save`]; [`Pipeline::from_config`] validates either.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
     pub name: String,
@@ -53,10 +90,10 @@ pub struct PipelineConfig {
     pub clock: ClockConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// libpq-style URL: postgres://user[:password]@host[:port]/database
+    /// libpq-style URL: `postgres://user[:password]@host[:port]/database`
     pub url: String,
     pub publication: String,
     /// Replication slot; default `<pipeline name>_<database>`. Slot names are per
@@ -74,7 +111,43 @@ fn default_connect_retries() -> u32 {
     8
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl SourceConfig {
+    /// A source on `url` publishing `tables` through `publication`, other settings at
+    /// their defaults.
+    pub fn new(url: impl Into<String>, publication: impl Into<String>, tables: &[&str]) -> Self {
+        SourceConfig {
+            url: url.into(),
+            publication: publication.into(),
+            slot: None,
+            tables: tables.iter().map(|t| t.to_string()).collect(),
+            connect_retries: default_connect_retries(),
+        }
+    }
+
+    /// The configured slot, if one is set (an empty value means the default).
+    pub fn slot(&self) -> Option<&str> {
+        self.slot.as_deref().filter(|s| !s.trim().is_empty())
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        plain_identifier("publication", &self.publication)?;
+        if let Some(slot) = self.slot() {
+            plain_identifier("slot", slot)?;
+            if slot != slot.to_lowercase() {
+                return Err(Invalid::at(
+                    "slot",
+                    "replication slot names must be lower case",
+                ));
+            }
+        }
+        if self.tables.is_empty() {
+            return Err(Invalid::at("tables", "at least one table is needed"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
     #[serde(default = "default_interval_ms")]
@@ -103,9 +176,19 @@ impl BatchConfig {
     pub fn interval(&self) -> Duration {
         Duration::from_millis(self.interval_ms)
     }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.interval_ms == 0 {
+            return Err(Invalid::at("interval_ms", "must be positive"));
+        }
+        if self.max_rows == 0 {
+            return Err(Invalid::at("max_rows", "must be positive"));
+        }
+        Ok(())
+    }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LakeConfig {
     /// A local directory (`./lake`, `file:///…`) or `s3://bucket/prefix`.
@@ -117,22 +200,106 @@ pub struct LakeConfig {
     pub storage_options: std::collections::BTreeMap<String, String>,
     /// Checkpoints, compaction and vacuum, run beside the appends.
     #[serde(default)]
-    pub maintenance: crate::sink::MaintenanceConfig,
+    pub maintenance: MaintenanceConfig,
 }
 
 impl LakeConfig {
+    /// A lake at `url` (a directory or `s3://…`), other settings at their defaults.
+    pub fn new(url: impl Into<String>) -> LakeConfig {
+        LakeConfig {
+            url: url.into(),
+            storage_options: Default::default(),
+            maintenance: MaintenanceConfig::default(),
+        }
+    }
+
     pub fn open(&self) -> Result<crate::sink::Lake, crate::sink::SinkError> {
         crate::sink::Lake::new(&self.url, &self.storage_options)
     }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.url.trim().is_empty() {
+            return Err(Invalid::at("url", "the lake needs a URL or directory"));
+        }
+        self.maintenance
+            .validate()
+            .map_err(|e| e.within("maintenance"))
+    }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClockConfig {
     /// Fixed as-of date (YYYY-MM-DD) for replaying historical dumps; empty means
     /// "the batch's source commit time".
     #[serde(default)]
     pub as_of: Option<String>,
+}
+
+impl ClockConfig {
+    /// The fixed as-of date, if one is set.
+    fn as_of(&self) -> Result<Option<chrono::NaiveDate>, Invalid> {
+        match self.as_of.as_deref().map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(s) => chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                .map(Some)
+                .map_err(|e| {
+                    Invalid::at("as_of", format!("`{s}` is not a date (YYYY-MM-DD): {e}"))
+                }),
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// A pipeline named `name` from `source` into `lake`, computing `features` (paths
+    /// relative to the directory the file is saved in, or absolute).
+    pub fn new(
+        name: impl Into<String>,
+        source: SourceConfig,
+        lake: LakeConfig,
+        features: Vec<PathBuf>,
+    ) -> PipelineConfig {
+        PipelineConfig {
+            name: name.into(),
+            source,
+            batch: BatchConfig::default(),
+            lake,
+            features,
+            clock: ClockConfig::default(),
+        }
+    }
+
+    /// Writes the config as a pipeline file `path` (YAML).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let yaml = serde_yaml::to_string(self).map_err(std::io::Error::other)?;
+        std::fs::write(path, yaml)
+    }
+
+    /// Every section's own checks, each error at its YAML path.
+    fn validate(&self) -> Result<(), Invalid> {
+        plain_identifier("name", &self.name)?;
+        self.source.validate().map_err(|e| e.within("source"))?;
+        self.batch.validate().map_err(|e| e.within("batch"))?;
+        self.lake.validate().map_err(|e| e.within("lake"))?;
+        self.clock.as_of().map_err(|e| e.within("clock"))?;
+        if self.features.is_empty() {
+            return Err(Invalid::at(
+                "features",
+                "at least one feature file is needed",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn plain_identifier(at: &str, v: &str) -> Result<(), Invalid> {
+    match is_identifier(v) {
+        true => Ok(()),
+        false => Err(Invalid::at(
+            at,
+            format!("`{v}` must be a plain identifier (letters, digits, _)"),
+        )),
+    }
 }
 
 /// A loaded pipeline: its config plus every feature file it names, all validated.
@@ -237,87 +404,34 @@ impl Pipeline {
 
     /// Loads and validates the pipeline file and every feature file it names.
     pub fn load(path: &Path) -> Result<Pipeline, ConfigError> {
-        let config: PipelineConfig = load_yaml(path)?;
-        let inv = |loc: &str, msg: String| ConfigError::invalid(path, loc, msg);
-        let mut config = config;
-        if config
-            .source
-            .slot
-            .as_deref()
-            .is_some_and(|s| s.trim().is_empty())
-        {
+        Pipeline::from_config(load_yaml(path)?, path)
+    }
+
+    /// Validates `config` as the pipeline file `file` (which names it in errors and
+    /// anchors relative feature paths; it need not exist) and loads its feature files.
+    pub fn from_config(mut config: PipelineConfig, file: &Path) -> Result<Pipeline, ConfigError> {
+        config.validate().map_err(|e| e.in_file(file))?;
+        if config.source.slot().is_none() {
             config.source.slot = None;
         }
-        let slot = config
-            .source
-            .slot
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        for (key, v) in [
-            ("source.publication", &config.source.publication),
-            ("source.slot", &slot),
-            ("name", &config.name),
-        ] {
-            if !is_identifier(v) {
-                return Err(inv(
-                    key,
-                    format!("`{v}` must be a plain identifier (letters, digits, _)"),
-                ));
-            }
-        }
-        if slot != slot.to_lowercase() {
-            return Err(inv(
-                "source.slot",
-                "replication slot names must be lower case".into(),
-            ));
-        }
-        if config.lake.maintenance.vacuum_retention_hours < 1 {
-            // Vacuum deletes unreferenced files older than this; a shorter window could
-            // delete the Parquet files of an append that has not committed yet.
-            return Err(inv(
-                "lake.maintenance.vacuum_retention_hours",
-                "must be at least 1".into(),
-            ));
-        }
-        if config.source.tables.is_empty() {
-            return Err(inv("source.tables", "at least one table is needed".into()));
-        }
-        if config.batch.interval_ms == 0 || config.batch.max_rows == 0 {
-            return Err(inv(
-                "batch",
-                "interval_ms and max_rows must be positive".into(),
-            ));
-        }
-        if config.features.is_empty() {
-            return Err(inv(
-                "features",
-                "at least one feature file is needed".into(),
-            ));
-        }
-        let as_of = match config.clock.as_of.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(s) => Some(
-                chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").map_err(|e| {
-                    inv(
-                        "clock.as_of",
-                        format!("`{s}` is not a date (YYYY-MM-DD): {e}"),
-                    )
-                })?,
-            ),
-        };
+        let as_of = config
+            .clock
+            .as_of()
+            .map_err(|e| e.within("clock").in_file(file))?;
         let tables: Vec<TableName> = config
             .source
             .tables
             .iter()
             .map(|t| TableName::parse(t))
             .collect();
-        let base = path.parent().unwrap_or(Path::new("."));
+        let base = file.parent().unwrap_or(Path::new("."));
         let mut feature_files = Vec::new();
         for (i, f) in config.features.iter().enumerate() {
             let fpath = base.join(f);
             if !fpath.exists() {
-                return Err(inv(
-                    &format!("features[{i}]"),
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("features[{i}]"),
                     format!("feature file {} does not exist", fpath.display()),
                 ));
             }
@@ -329,7 +443,7 @@ impl Pipeline {
                         "sources",
                         format!(
                             "reads table `{t}`, which is not in {}'s source.tables",
-                            path.display()
+                            file.display()
                         ),
                     ));
                 }
@@ -347,7 +461,7 @@ impl Pipeline {
             feature_files.push(ff);
         }
         Ok(Pipeline {
-            file: path.to_path_buf(),
+            file: file.to_path_buf(),
             config,
             as_of,
             tables,
@@ -359,6 +473,37 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_section_names_its_yaml_path_and_a_built_config_round_trips() {
+        let mut config = PipelineConfig::new(
+            "demo",
+            SourceConfig::new("postgres://h/db", "pub", &["user"]),
+            LakeConfig::new("./lake"),
+            vec!["f.yaml".into()],
+        );
+        assert_eq!(config.validate(), Ok(()));
+        config.lake.maintenance.vacuum_retention_hours = 0;
+        assert_eq!(
+            config.validate().unwrap_err().at,
+            "lake.maintenance.vacuum_retention_hours"
+        );
+        config.lake.maintenance = MaintenanceConfig::default();
+        config.batch.max_rows = 0;
+        assert_eq!(config.validate().unwrap_err().at, "batch.max_rows");
+        config.batch = BatchConfig::default();
+        config.source.slot = Some("Upper".into());
+        assert_eq!(config.validate().unwrap_err().at, "source.slot");
+        config.source.slot = Some(String::new());
+        assert_eq!(config.validate(), Ok(()), "an empty slot means the default");
+        config.clock.as_of = Some("2020-13-01".into());
+        assert_eq!(config.validate().unwrap_err().at, "clock.as_of");
+        config.clock.as_of = Some("2020-08-23".into());
+
+        let yaml = serde_yaml::to_string(&config).unwrap();
+        let back: PipelineConfig = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(serde_yaml::to_string(&back).unwrap(), yaml);
+    }
 
     #[test]
     fn table_names_default_to_public_and_quote_reserved_words() {

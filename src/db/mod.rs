@@ -1,15 +1,16 @@
 //! `pipeline db`: restore a pg_dump (custom or plain format) or seed deterministic data.
+//! Dev tooling for demos and tests, part of the binary, not of the engine library.
 
-pub mod seed;
+pub(crate) mod seed;
 
-pub use seed::{seed, SeedOptions};
+pub(crate) use seed::{seed, SeedOptions};
 
-use crate::source::{connect, ConnInfo, SourceError};
+use pipeline::source::{connect, ConnInfo, SourceError};
 use std::path::Path;
 use tokio::process::Command;
 
 #[derive(Debug, thiserror::Error)]
-pub enum DbError {
+pub(crate) enum DbError {
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("postgres: {0}")]
@@ -25,7 +26,7 @@ pub enum DbError {
 
 /// Creates the target database if missing; with `clean`, drops it first (with any
 /// replication slots on it, which would otherwise block the drop).
-pub async fn prepare_database(info: &ConnInfo, clean: bool) -> Result<(), DbError> {
+pub(crate) async fn prepare_database(info: &ConnInfo, clean: bool) -> Result<(), DbError> {
     let admin = connect(&info.with_database("postgres"), 8).await?;
     let db = &info.database;
     if clean {
@@ -45,7 +46,7 @@ pub async fn prepare_database(info: &ConnInfo, clean: bool) -> Result<(), DbErro
         admin
             .batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                crate::config::quote_ident(db)
+                pipeline::config::quote_ident(db)
             ))
             .await?;
     }
@@ -57,7 +58,7 @@ pub async fn prepare_database(info: &ConnInfo, clean: bool) -> Result<(), DbErro
         admin
             .batch_execute(&format!(
                 "CREATE DATABASE {}",
-                crate::config::quote_ident(db)
+                pipeline::config::quote_ident(db)
             ))
             .await?;
         tracing::info!(database = %db, "created database");
@@ -67,7 +68,7 @@ pub async fn prepare_database(info: &ConnInfo, clean: bool) -> Result<(), DbErro
 
 /// Restores `dump` into the database of `info`: custom format (`PGDMP` magic) with
 /// `pg_restore`, anything else as plain SQL with `psql`.
-pub async fn restore(info: &ConnInfo, dump: &Path, clean: bool) -> Result<(), DbError> {
+pub(crate) async fn restore(info: &ConnInfo, dump: &Path, clean: bool) -> Result<(), DbError> {
     let head = {
         use std::io::Read;
         let mut f = std::fs::File::open(dump).map_err(|e| DbError::Dump {

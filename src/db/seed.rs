@@ -4,28 +4,19 @@
 //! (NULL interest, zero amounts, non-ASCII names) so the features' edge cases are real.
 
 use super::{prepare_database, DbError};
-use crate::source::{connect, ConnInfo};
 use bytes::Bytes;
 use chrono::{Duration, NaiveDate};
 use futures::SinkExt;
+use pipeline::source::{connect, ConnInfo};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::fmt::Write;
 
-pub const SCHEMA_SQL: &str = r#"
-CREATE TABLE IF NOT EXISTS public."user" (
-    id integer PRIMARY KEY, created_on date, first_name character varying,
-    last_name character varying, birth_date date, personal_code character varying);
-CREATE TABLE IF NOT EXISTS public.loan (
-    id integer PRIMARY KEY, client_id integer, amount double precision, created_on date,
-    duration bigint, matured_on date, status character varying, updated_on date);
-CREATE TABLE IF NOT EXISTS public.payment (
-    id integer PRIMARY KEY, loan_id bigint, amount double precision, principle double precision,
-    interest double precision, status character varying, created_on date);
-"#;
+/// The CRM schema (the dump's tables, without data); tests create it the same way.
+pub(crate) const SCHEMA_SQL: &str = include_str!("schema.sql");
 
 #[derive(Debug, Clone)]
-pub struct SeedOptions {
+pub(crate) struct SeedOptions {
     pub users: usize,
     pub seed: u64,
     pub clean: bool,
@@ -59,12 +50,15 @@ const LAST: &[&str] = &[
 ];
 const DURATIONS: &[i64] = &[7, 14, 30, 60, 90, 180, 365, 730, 1095, 2500];
 
-pub fn last_activity() -> NaiveDate {
+pub(crate) fn last_activity() -> NaiveDate {
     NaiveDate::from_ymd_opt(2020, 8, 23).unwrap()
 }
 
 /// Generates and loads the data; returns (users, loans, payments).
-pub async fn seed(info: &ConnInfo, opts: &SeedOptions) -> Result<(usize, usize, usize), DbError> {
+pub(crate) async fn seed(
+    info: &ConnInfo,
+    opts: &SeedOptions,
+) -> Result<(usize, usize, usize), DbError> {
     prepare_database(info, opts.clean).await?;
     let client = connect(info, 8).await?;
     client.batch_execute(SCHEMA_SQL).await?;
@@ -103,7 +97,7 @@ pub async fn seed(info: &ConnInfo, opts: &SeedOptions) -> Result<(usize, usize, 
 type Generated = (String, String, String, (usize, usize, usize));
 
 /// The COPY text of the three tables. Same `(users, seed)` → same bytes.
-pub fn generate(n_users: usize, seed: u64) -> Generated {
+pub(crate) fn generate(n_users: usize, seed: u64) -> Generated {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let start = NaiveDate::from_ymd_opt(2017, 1, 1).unwrap();
     let end = last_activity();

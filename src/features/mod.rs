@@ -45,10 +45,7 @@ pub enum FeatureError {
     },
 }
 
-pub const FEATURE_TIME: &str = "feature_time";
-pub const LSN: &str = "_lsn";
-pub const COMPUTED_AT: &str = "computed_at";
-pub const DELETED: &str = "_deleted";
+pub use crate::config::{COMPUTED_AT, DELETED, FEATURE_TIME, OUTPUT_LSN as LSN};
 
 /// Entities per query when computing every entity's features (after a snapshot).
 const ALL_ENTITIES_CHUNK: usize = 8_192;
@@ -242,7 +239,7 @@ impl FeatureEngine {
     /// another client touches both; see `touched::row_image_entities`). The pieces of one
     /// large transaction are applied one by one.
     pub fn apply(&self, batch: &ChangeBatch, touched: &mut Touched) -> Result<(), FeatureError> {
-        let changed = self.state.changed_keys(batch)?;
+        let changed = self.state.changed_keys(batch);
         // Row images once, on the state before the batch: a referenced row's state after
         // it is either unchanged or one of the batch's own images, which the lookup sees.
         for (f, set) in self.files.iter().zip(touched.0.iter_mut()) {

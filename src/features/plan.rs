@@ -30,7 +30,7 @@ fn sql_literal(v: &serde_yaml::Value) -> Option<String> {
     })
 }
 
-pub async fn plan_file(
+pub(crate) async fn plan_file(
     ctx: &SessionContext,
     def: &FeatureFile,
     entity: &TableSchema,

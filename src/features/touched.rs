@@ -4,7 +4,7 @@
 
 use super::FeatureError;
 use crate::batch::ChangeBatch;
-use crate::changelog::ops;
+use crate::changelog::Changes;
 use crate::config::{FeatureFile, SourceMapping};
 use crate::source::TableSchema;
 use crate::state::{is_key_type, key_at, Changed, Key, State, StateTable, TableScope};
@@ -25,7 +25,7 @@ pub enum Mapping {
 }
 
 /// Resolves a feature file's `entity` and `sources` against the source schemas.
-pub fn resolve_mappings(
+pub(crate) fn resolve_mappings(
     file: &FeatureFile,
     schemas: &[TableSchema],
 ) -> Result<Vec<Option<Mapping>>, FeatureError> {
@@ -79,7 +79,7 @@ pub fn resolve_mappings(
 }
 
 /// Columns of table `t` that some mapping looks up, in a stable order.
-pub fn index_columns(t: usize, resolved: &[Vec<Option<Mapping>>]) -> Vec<usize> {
+pub(crate) fn index_columns(t: usize, resolved: &[Vec<Option<Mapping>>]) -> Vec<usize> {
     let mut cols = Vec::new();
     let mut add = |c: usize| {
         if !cols.contains(&c) {
@@ -107,7 +107,11 @@ pub fn index_columns(t: usize, resolved: &[Vec<Option<Mapping>>]) -> Vec<usize> 
 }
 
 /// Entities the changed rows belong to in the current state.
-pub fn entities(state: &State, mappings: &[Option<Mapping>], changed: &[Changed]) -> HashSet<Key> {
+pub(crate) fn entities(
+    state: &State,
+    mappings: &[Option<Mapping>],
+    changed: &[Changed],
+) -> HashSet<Key> {
     let tables = state.read();
     let mut out = HashSet::new();
     for (t, ch) in changed.iter().enumerate() {
@@ -172,7 +176,7 @@ fn entity_of(
 /// client's features would not change; but a batch replayed after a crash may be cut
 /// differently from the one whose features were committed (which may have held the
 /// insert only), and the replay must then recompute that client too.
-pub fn row_image_entities(
+pub(crate) fn row_image_entities(
     state: &State,
     mappings: &[Option<Mapping>],
     batch: &ChangeBatch,
@@ -185,12 +189,12 @@ pub fn row_image_entities(
             target, ref_col, ..
         } = m
         {
-            if let Some(rows) = &batch.tables[*target] {
+            if let Some(changes) = &batch.tables[*target] {
                 let index = by_ref.entry((*target, *ref_col)).or_default();
                 if index.is_empty() {
-                    for i in live_images(rows) {
+                    for i in live_images(changes) {
                         index
-                            .entry(key_at(rows.column(*ref_col), i))
+                            .entry(key_at(changes.rows().column(*ref_col), i))
                             .or_default()
                             .push(i);
                     }
@@ -206,10 +210,10 @@ pub fn row_image_entities(
     };
     let mut out = HashSet::new();
     for (t, rows) in batch.tables.iter().enumerate() {
-        let Some(rows) = rows.as_ref().filter(|_| mappings[t].is_some()) else {
+        let Some(changes) = rows.as_ref().filter(|_| mappings[t].is_some()) else {
             continue;
         };
-        for i in live_images(rows) {
+        for i in live_images(changes) {
             images.entity_of(t, i, &mut out);
         }
     }
@@ -218,9 +222,9 @@ pub fn row_image_entities(
 
 /// Rows of a raw batch that carry a full row image (inserts and updates; a delete
 /// carries only its key, a truncate nothing).
-fn live_images(rows: &arrow::array::RecordBatch) -> impl Iterator<Item = usize> {
-    let ops = ops(rows).expect("the batcher writes known ops");
-    (0..rows.num_rows()).filter(move |&i| ops[i].writes_row())
+fn live_images(changes: &Changes) -> impl Iterator<Item = usize> + '_ {
+    let ops = changes.ops();
+    (0..ops.len()).filter(move |&i| ops[i].writes_row())
 }
 
 struct Images<'a> {
@@ -234,7 +238,10 @@ impl Images<'_> {
     /// The entities row `i` of the batch's table `t` maps to, through state and through
     /// the batch's own rows of the tables it references.
     fn entity_of(&self, t: usize, i: usize, out: &mut HashSet<Key>) {
-        let rows = self.batch.tables[t].as_ref().expect("row of this batch");
+        let rows = self.batch.tables[t]
+            .as_ref()
+            .expect("row of this batch")
+            .rows();
         match &self.mappings[t] {
             None => {}
             Some(Mapping::Column(c)) => {
@@ -271,7 +278,7 @@ impl Images<'_> {
 /// For each table, the slots (sorted, distinct) of the rows that belong to `entities`.
 /// Each key is hashed once here, so the scans of every feature query that follow read
 /// rows by slot.
-pub fn scopes(
+pub(crate) fn scopes(
     state: &State,
     mappings: &[Option<Mapping>],
     entities: &HashSet<Key>,

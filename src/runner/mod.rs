@@ -16,6 +16,7 @@ mod policy;
 mod processor;
 mod rebuild;
 mod snapshot;
+mod stages;
 mod start;
 mod supervise;
 
@@ -23,18 +24,15 @@ pub use policy::{action, Action};
 pub use start::Refusal;
 pub use supervise::run_supervised;
 
-use crate::batch::{self, BatchKind, BatcherOptions, ChangeBatch, SchemaChange};
+use crate::batch::SchemaChange;
 use crate::changelog::{Lsn, TableId};
 use crate::config::Pipeline;
 use crate::features::{FeatureEngine, FeatureError};
-use crate::sink::{DeltaSink, LakeTable, Maintainer, Mark, SinkError, TableSpec};
-use crate::source::{self, ChangeStream, ConnInfo, SlotStatus, SourceError, TableSchema};
-use pgwire_replication::ReplicationClient;
-use processor::Processor;
+use crate::sink::{Destination, LakeTable, Mark, SinkError};
+use crate::source::{self, ConnInfo, SlotStatus, SourceError, TableSchema};
+use stages::Stages;
 use start::{SnapshotReason, Start, StartFacts};
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -82,13 +80,6 @@ pub enum RunError {
 impl From<SinkError> for RunError {
     fn from(e: SinkError) -> Self {
         RunError::Sink(Box::new(e))
-    }
-}
-
-impl RunError {
-    /// Whether a restart may cure this error (see [`action`]).
-    pub fn is_transient(&self) -> bool {
-        action(self) == Action::Retry
     }
 }
 
@@ -202,61 +193,31 @@ async fn run_stages(
     cancel: CancellationToken,
     overrides: &SchemaOverrides,
 ) -> Result<(RunSummary, Option<SchemaChange>), RunError> {
-    let started = Instant::now();
-    let Prepared {
-        conn,
-        client,
-        schemas,
-        engine,
-    } = prepare_with(pipeline, overrides).await?;
-    let src = &pipeline.config.source;
-    source::check_wal_level(&client).await?;
-    source::ensure_publication(&client, &src.publication, &pipeline.tables).await?;
-    let slot_name = pipeline.slot_name(&conn.database);
-    let lake = pipeline.config.lake.open()?;
-    let mut sink = open_sink(pipeline, &lake, &slot_name, &schemas, &engine).await?;
-    let slot = source::slot_status(&client, &slot_name).await?;
+    let stages = Stages::prepare(pipeline, overrides).await?;
+    let mut sink = stages.open_sink().await?;
+    let slot = source::slot_status(&stages.client, &stages.slot).await?;
     let start = start::decide(&StartFacts {
         slot: slot.as_ref(),
-        slot_name: &slot_name,
-        database: &conn.database,
-        lake_root: lake.root().as_str(),
-        lake: crate::sink::Destination::resume_point(&sink),
-        resnapshot_mark: lake.has_marker(Mark::ResnapshotInProgress).await?,
+        slot_name: &stages.slot,
+        database: &stages.conn.database,
+        lake_root: stages.lake.root().as_str(),
+        lake: sink.resume_point(),
+        resnapshot_mark: stages.lake.has_marker(Mark::ResnapshotInProgress).await?,
         resnapshot_asked: opts.resnapshot,
     });
-    log_start(&start, &slot_name, &lake, slot.as_ref());
-    if let Start::Refuse(refusal) = start {
-        return Err(refusal.into());
-    }
+    log_start(&start, &stages.slot, &stages.lake, slot.as_ref());
     let resnapshot = start.is_resnapshot();
-    let application = format!("pipeline-{}", pipeline.config.name);
-    let repl_cfg = source::replication_config(&conn, &slot_name, &src.publication, &application);
-    let mut repl = ReplicationClient::connect_gated(repl_cfg)
-        .await
-        .map_err(SourceError::from)?;
     let mut summary = RunSummary::default();
+    let mut repl = match start {
+        Start::Refuse(refusal) => return Err(refusal.into()),
+        _ => stages.replication().await?,
+    };
     let skip_through = match start {
         Start::Refuse(_) => unreachable!("returned above"),
         Start::Snapshot { drop_slot, .. } => {
-            if resnapshot {
-                lake.put_marker(Mark::ResnapshotInProgress, format!("slot {slot_name}\n"))
-                    .await?;
-            }
-            if drop_slot {
-                source::drop_slot(&client, &slot_name).await?;
-            }
-            let snap =
-                source::create_slot_with_snapshot(&mut repl, &slot_name, &conn, &schemas).await?;
-            let lsn = snap.consistent_lsn;
-            summary.snapshot_rows =
-                snapshot::write_snapshot(&engine, &mut sink, &schemas, snap).await?;
-            if resnapshot {
-                lake.remove_marker(Mark::ResnapshotInProgress).await?;
-            }
-            summary.last_lsn = lsn;
-            tracing::info!(rows = summary.snapshot_rows, elapsed_ms = started.elapsed().as_millis() as u64,
-                %lsn, "initial snapshot committed to the lake");
+            let snapshot =
+                stages.snapshot(&mut repl, &mut sink, drop_slot, resnapshot, &mut summary);
+            let lsn = snapshot.await?;
             if opts.once || opts.resnapshot {
                 // Everything committed before the start is in the snapshot.
                 return Ok((summary, None));
@@ -267,65 +228,20 @@ async fn run_stages(
             rebuild_to,
             skip_through,
         } => {
-            let rows = rebuild::rebuild_state(&engine, &sink, &schemas, rebuild_to).await?;
-            tracing::info!(rows, elapsed_ms = started.elapsed().as_millis() as u64,
-                resume_at = %rebuild_to, "state rebuilt from the lake; resuming from the slot");
+            stages.resume(&sink, rebuild_to).await?;
             skip_through
         }
     };
-    let fence = match opts.once {
-        true => Some(source::emit_fence(&client).await?),
-        false => None,
-    };
-    repl.start().await.map_err(SourceError::from)?;
-    repl.wait_started().await.map_err(SourceError::from)?;
-    let stream = ChangeStream::new(repl, schemas.clone());
-    let processor = Processor::new(&engine, &mut sink, &schemas);
-    let opts = BatcherOptions {
-        interval: pipeline.config.batch.interval(),
-        max_rows: pipeline.config.batch.max_rows,
+    let streamed = stages.stream(
+        repl,
+        &mut sink,
         skip_through,
-        fence_token: fence,
-    };
-    let change = stream_changes(
-        stream,
-        &schemas,
-        opts,
-        processor,
-        &client,
-        &slot_name,
+        opts.once,
         &mut summary,
         cancel,
-    )
-    .await?;
+    );
+    let change = streamed.await?;
     Ok((summary, change))
-}
-
-/// Opens every raw and feature table of the pipeline, with background maintenance.
-async fn open_sink(
-    pipeline: &Pipeline,
-    lake: &crate::sink::Lake,
-    slot_name: &str,
-    schemas: &[TableSchema],
-    engine: &FeatureEngine,
-) -> Result<DeltaSink, RunError> {
-    let app_id = format!("pipeline-{}-{}", pipeline.config.name, slot_name);
-    let raw = schemas.iter().map(|s| TableSpec {
-        table: LakeTable::raw(&s.name.name),
-        schema: crate::changelog::raw_schema(&s.schema),
-        evolves: true,
-    });
-    let features = engine
-        .output_schemas()
-        .into_iter()
-        .map(|(n, s)| (LakeTable::features(n), s).into());
-    let specs: Vec<TableSpec> = raw.chain(features).collect();
-    let maintenance = &pipeline.config.lake.maintenance;
-    let (maintainer, _task) = Maintainer::spawn(lake.clone(), maintenance.clone());
-    let sink = DeltaSink::open_with(lake.clone(), app_id, specs, &maintenance.table_properties())
-        .await?
-        .with_maintainer(maintainer);
-    Ok(sink)
 }
 
 fn log_start(start: &Start, slot: &str, lake: &crate::sink::Lake, status: Option<&SlotStatus>) {
@@ -349,77 +265,6 @@ fn log_start(start: &Start, slot: &str, lake: &crate::sink::Lake, status: Option
                  (older versions stay readable through Delta time travel until vacuumed)");
         }
     }
-}
-
-/// How often the slot's retained WAL and lag are logged.
-const SLOT_HEALTH_EVERY: Duration = Duration::from_secs(30);
-
-/// Streams changes through the batcher into `processor` until cancelled, the `--once`
-/// fence, or a schema change (returned); acknowledges each batch once it is durable.
-#[allow(clippy::too_many_arguments)]
-async fn stream_changes(
-    stream: ChangeStream,
-    schemas: &[TableSchema],
-    opts: BatcherOptions,
-    mut processor: Processor<'_, DeltaSink>,
-    client: &tokio_postgres::Client,
-    slot_name: &str,
-    summary: &mut RunSummary,
-    cancel: CancellationToken,
-) -> Result<Option<SchemaChange>, RunError> {
-    tracing::info!(from = %opts.skip_through, "streaming changes");
-    let batcher_cancel = cancel.child_token();
-    let (batch_tx, mut batch_rx) = mpsc::channel::<ChangeBatch>(1);
-    let (ack_tx, ack_rx) = watch::channel(opts.skip_through);
-    let batcher = tokio::spawn(batch::run(
-        stream,
-        schemas.to_vec(),
-        opts,
-        batch_tx,
-        ack_rx,
-        batcher_cancel.clone(),
-    ));
-    let result = async {
-        let mut health = tokio::time::interval(SLOT_HEALTH_EVERY);
-        loop {
-            let batch = tokio::select! {
-                b = batch_rx.recv() => match b {
-                    Some(b) => b,
-                    None => return Ok(()),
-                },
-                _ = health.tick() => {
-                    source::check_slot_health(client, slot_name).await?;
-                    continue;
-                }
-            };
-            let (kind, rows, txns, first_received) =
-                (batch.kind, batch.rows, batch.transactions, batch.first_received);
-            summary.changes += rows;
-            if let Some(lsn) = processor.process(batch).await? {
-                crate::fault::crash_point("before_ack");
-                let _ = ack_tx.send(lsn);
-                summary.batches += 1;
-                summary.last_lsn = lsn;
-                tracing::info!(txns, rows, end_lsn = %lsn,
-                    latency_ms = first_received.elapsed().as_secs_f64() * 1000.0, "batch committed");
-            }
-            if kind == BatchKind::End {
-                return Ok::<_, RunError>(());
-            }
-        }
-    }
-    .await;
-    if result.is_err() {
-        // Stops this run's batcher only: the caller's token decides about a restart.
-        batcher_cancel.cancel();
-    }
-    drop(batch_rx);
-    drop(ack_tx);
-    let batcher_result = batcher
-        .await
-        .map_err(|e| RunError::Task(format!("batcher: {e}")))?;
-    result?;
-    Ok(batcher_result?)
 }
 
 /// The status of `pipeline`'s replication slot, or None when it has none (it never

@@ -131,9 +131,9 @@ fn raw_writes<D: Destination>(
 ) -> Result<Vec<(LakeTable, RecordBatch)>, RunError> {
     let mut out = Vec::new();
     for (schema, rows) in schemas.iter().zip(&batch.tables) {
-        let Some(rows) = rows else { continue };
-        let path = LakeTable::raw(&schema.name.name);
-        let rows = not_yet_committed(rows, sink.resume_point().committed(&path))?;
+        let Some(changes) = rows else { continue };
+        let path = LakeTable::raw_of(&schema.name);
+        let rows = not_yet_committed(changes.rows(), sink.resume_point().committed(&path))?;
         out.push((path, rows));
     }
     Ok(out)
@@ -174,7 +174,7 @@ fn not_yet_committed(rows: &RecordBatch, committed: Lsn) -> Result<RecordBatch, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changelog::{raw_schema, Op};
+    use crate::changelog::{raw_schema, Changes, Op};
     use crate::config::{Pipeline, TableName};
     use crate::sink::memory::{Fault, MemorySink};
     use crate::source::ColumnInfo;
@@ -297,7 +297,10 @@ mod tests {
         ChangeBatch {
             kind,
             unchanged_toast: vec![Vec::new(); tables.len()],
-            tables,
+            tables: tables
+                .into_iter()
+                .map(|t| t.map(|rows| Changes::decode(rows).unwrap()))
+                .collect(),
             end_lsn: Lsn::new(commit + 8),
             commit_lsn: Lsn::new(commit),
             commit_ts_micros: COMMIT_TS,

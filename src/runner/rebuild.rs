@@ -21,7 +21,7 @@ use futures::StreamExt;
 /// the files give them and state keeps, per key, the change with the highest
 /// (`_lsn`, `_seq`): memory follows the number of keys, not the raw tables' history (a
 /// sorted replay of the whole change log held all of it).
-pub async fn rebuild_state(
+pub(crate) async fn rebuild_state(
     engine: &FeatureEngine,
     sink: &DeltaSink,
     schemas: &[TableSchema],
@@ -29,7 +29,7 @@ pub async fn rebuild_state(
 ) -> Result<usize, RunError> {
     let (lsn, seq, op) = (quote_ident(LSN), quote_ident(SEQ), quote_ident(OP));
     for (t, schema) in schemas.iter().enumerate() {
-        let path = LakeTable::raw(&schema.name.name);
+        let path = LakeTable::raw_of(&schema.name);
         let err = |e: Box<dyn std::error::Error + Send + Sync>| RunError::Rebuild {
             table: path.clone(),
             source: e,

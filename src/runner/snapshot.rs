@@ -42,7 +42,7 @@ pub(crate) async fn write_snapshot<D: Destination>(
             seq += b.num_rows() as i64;
             rows += b.num_rows();
         }
-        writes.push((LakeTable::raw(&schema.name.name), out));
+        writes.push((LakeTable::raw_of(&schema.name), out));
     }
     let loading = engine.state().load_snapshot(tables);
     let committed = sink.write_snapshot_part(writes, consistent_lsn).await;

@@ -161,10 +161,7 @@ impl Lake {
 
 impl Lake {
     /// The store and path of one of the pipeline's own marks.
-    fn marker(
-        &self,
-        mark: Mark,
-    ) -> Result<(deltalake::logstore::ObjectStoreRef, deltalake::Path), SinkError> {
+    fn marker(&self, mark: Mark) -> Result<(ObjectStoreRef, deltalake::Path), SinkError> {
         let store =
             deltalake::logstore::store_for(&self.root, self.options.clone()).map_err(|source| {
                 SinkError::Open {

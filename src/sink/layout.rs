@@ -34,6 +34,12 @@ impl LakeTable {
         }
     }
 
+    /// The change log of source table `table`: named by the table alone (its schema is
+    /// not part of the path).
+    pub fn raw_of(table: &crate::config::TableName) -> LakeTable {
+        LakeTable::raw(&table.name)
+    }
+
     /// The output of the feature file of this name.
     pub fn features(name: impl AsRef<str>) -> LakeTable {
         LakeTable {
@@ -66,7 +72,7 @@ impl LakeTable {
     /// Every table of `pipeline`: the raw tables in configured order, then the feature
     /// tables.
     pub fn all_of(pipeline: &crate::config::Pipeline) -> Vec<LakeTable> {
-        let raw = pipeline.tables.iter().map(|t| LakeTable::raw(&t.name));
+        let raw = pipeline.tables.iter().map(LakeTable::raw_of);
         let features = pipeline
             .feature_files
             .iter()

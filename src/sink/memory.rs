@@ -37,7 +37,7 @@ pub(crate) struct MemorySink {
 
 impl MemorySink {
     /// A lake with these tables, each holding nothing.
-    pub fn new(tables: impl IntoIterator<Item = LakeTable>) -> MemorySink {
+    pub(crate) fn new(tables: impl IntoIterator<Item = LakeTable>) -> MemorySink {
         MemorySink {
             progress: ResumePoint::new(tables.into_iter().map(|t| (t, TableProgress::default()))),
             landed: Vec::new(),
@@ -46,7 +46,7 @@ impl MemorySink {
     }
 
     /// Rows committed to `table` (every commit, in order).
-    pub fn rows(&self, table: &LakeTable) -> usize {
+    pub(crate) fn rows(&self, table: &LakeTable) -> usize {
         self.landed
             .iter()
             .filter(|l| &l.table == table)

@@ -21,7 +21,7 @@ mod staged;
 pub use delta::{DeltaSink, TableSpec};
 pub use lake::Lake;
 pub use layout::{LakeTable, Mark, TableKind};
-pub use maintain::{maintain_table, Maintainer, MaintenanceConfig, MaintenanceReport};
+pub use maintain::{maintain_table, Maintainer, MaintenanceReport};
 pub use staged::StagedFiles;
 
 /// Rows for some tables of the lake, by table.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 
 /// Unconstrained `numeric` has no scale; we store it as Decimal128(38, 10).
-pub const UNCONSTRAINED_NUMERIC_SCALE: i8 = 10;
+pub(crate) const UNCONSTRAINED_NUMERIC_SCALE: i8 = 10;
 
 #[derive(Debug, Clone)]
 pub struct ColumnInfo {

@@ -4,6 +4,7 @@
 mod admin;
 mod catalog;
 mod connect;
+pub mod encode;
 pub mod pgoutput;
 mod snapshot;
 mod stream;

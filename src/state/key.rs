@@ -42,7 +42,7 @@ pub fn key_at(array: &ArrayRef, i: usize) -> Key {
 }
 
 /// The key made of `columns` at row `i` (a tuple only for composite keys).
-pub fn composite_key_at(columns: &[&ArrayRef], i: usize) -> Key {
+pub(crate) fn composite_key_at(columns: &[&ArrayRef], i: usize) -> Key {
     match columns {
         [one] => key_at(one, i),
         many => Key::Tuple(many.iter().map(|c| key_at(c, i)).collect()),

@@ -173,9 +173,14 @@ impl TableProvider for StateTableProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::changelog::Changes;
     use arrow::array::{Int32Array, Int64Array, RecordBatch};
     use arrow::datatypes::{DataType, Field, Schema};
     use datafusion::prelude::{SessionConfig, SessionContext};
+
+    fn inserts(rows: &RecordBatch) -> Changes {
+        Changes::decode(rows.clone()).unwrap()
+    }
 
     fn loans(ids: &[i32], clients: &[i32]) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
@@ -192,7 +197,7 @@ mod tests {
         .unwrap()
     }
 
-    async fn ids(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<Vec<i32>> {
+    async fn ids(ctx: &SessionContext, sql: &str) -> Result<Vec<i32>> {
         let batches = ctx.sql(sql).await?.collect().await?;
         let mut out: Vec<i32> = batches
             .iter()
@@ -217,7 +222,7 @@ mod tests {
         let first = loans(&[1, 2, 3, 4], &[10, 10, 20, 30]);
         let table = StateTable::new("loan", first.schema(), vec![0], vec![1]).unwrap();
         let table = Arc::new(RwLock::new(table));
-        table.write().unwrap().apply(&first).unwrap();
+        table.write().unwrap().apply(&inserts(&first)).unwrap();
         let provider = Arc::new(StateTableProvider::new(table.clone(), 0));
 
         let everything = SessionContext::new();
@@ -253,7 +258,11 @@ mod tests {
         );
 
         // The table changes: the scope's slots may now address other rows.
-        table.write().unwrap().apply(&loans(&[5], &[10])).unwrap();
+        table
+            .write()
+            .unwrap()
+            .apply(&inserts(&loans(&[5], &[10])))
+            .unwrap();
         let err = ids(&scoped, "SELECT id FROM loan").await.unwrap_err();
         assert!(err.to_string().contains("state table changed"), "{err}");
     }

@@ -4,7 +4,7 @@
 
 use super::{Key, StateError, StateTable};
 use crate::batch::ChangeBatch;
-use crate::changelog::{ops, Op, TableId};
+use crate::changelog::{Changes, Op, TableId};
 use crate::source::TableSchema;
 use arrow::array::RecordBatch;
 use datafusion::common::HashMap;
@@ -74,7 +74,8 @@ impl State {
                 let mut table = table.write().unwrap();
                 table.expect_rows(batches.iter().map(RecordBatch::num_rows).sum());
                 for b in batches {
-                    table.apply(b)?;
+                    // Plain rows: every one an insert.
+                    table.apply(&Changes::new(b.clone(), vec![Op::Insert; b.num_rows()]))?;
                 }
             }
             Ok(())
@@ -104,8 +105,11 @@ impl State {
             if cells.is_empty() {
                 continue;
             }
-            if let Some(rows) = &batch.tables[t] {
-                let filled = self.tables[t].read().unwrap().fill_unchanged(rows, cells)?;
+            if let Some(changes) = batch.tables[t].take() {
+                let filled = self.tables[t]
+                    .read()
+                    .unwrap()
+                    .fill_unchanged(changes, cells)?;
                 batch.tables[t] = Some(filled);
             }
             cells.clear();
@@ -114,37 +118,28 @@ impl State {
     }
 
     /// The primary keys `batch` changes, per table.
-    pub fn changed_keys(&self, batch: &ChangeBatch) -> Result<Vec<Changed>, StateError> {
+    pub fn changed_keys(&self, batch: &ChangeBatch) -> Vec<Changed> {
         self.tables
             .iter()
             .zip(&batch.tables)
-            .map(|(t, rows)| {
-                let Some(rows) = rows else {
-                    return Ok(Changed {
-                        keys: Vec::new(),
-                        truncated: false,
-                    });
-                };
-                let t = t.read().unwrap();
-                let truncated = ops(rows)
-                    .map_err(|source| StateError::UnknownOp {
-                        table: t.name().to_string(),
-                        source,
-                    })?
-                    .contains(&Op::Truncate);
-                Ok(Changed {
-                    keys: t.batch_keys(rows),
-                    truncated,
-                })
+            .map(|(t, changes)| match changes {
+                None => Changed {
+                    keys: Vec::new(),
+                    truncated: false,
+                },
+                Some(changes) => Changed {
+                    keys: t.read().unwrap().batch_keys(changes.rows()),
+                    truncated: changes.ops().contains(&Op::Truncate),
+                },
             })
             .collect()
     }
 
     /// Applies every table's changes of `batch`, in order.
     pub fn apply(&self, batch: &ChangeBatch) -> Result<(), StateError> {
-        for (table, rows) in self.tables.iter().zip(&batch.tables) {
-            if let Some(rows) = rows {
-                table.write().unwrap().apply(rows)?;
+        for (table, changes) in self.tables.iter().zip(&batch.tables) {
+            if let Some(changes) = changes {
+                table.write().unwrap().apply(changes)?;
             }
         }
         Ok(())

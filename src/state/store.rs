@@ -10,7 +10,7 @@
 const MIN_COMPACT_BYTES: usize = 1 << 20;
 
 #[derive(Default)]
-pub struct RowStore {
+pub(crate) struct RowStore {
     data: Vec<u8>,
     /// Per slot: offset and length of its bytes in `data` (a free slot keeps a stale span).
     spans: Vec<(u64, u32)>,
@@ -20,7 +20,7 @@ pub struct RowStore {
 
 impl RowStore {
     /// Stores `bytes` in a free or new slot.
-    pub fn insert(&mut self, bytes: &[u8]) -> u32 {
+    pub(crate) fn insert(&mut self, bytes: &[u8]) -> u32 {
         let span = self.append(bytes);
         match self.free.pop() {
             Some(slot) => {
@@ -35,34 +35,34 @@ impl RowStore {
     }
 
     /// Room for `slots` more rows without growing the slot table.
-    pub fn reserve_slots(&mut self, slots: usize) {
+    pub(crate) fn reserve_slots(&mut self, slots: usize) {
         self.spans
             .reserve_exact(slots.saturating_sub(self.free.len()));
     }
 
     /// Room for `bytes` more row bytes without growing the buffer.
-    pub fn reserve_bytes(&mut self, bytes: usize) {
+    pub(crate) fn reserve_bytes(&mut self, bytes: usize) {
         self.data.reserve_exact(bytes);
     }
 
     /// Frees `slot` (its bytes become dead).
-    pub fn remove(&mut self, slot: u32) {
+    pub(crate) fn remove(&mut self, slot: u32) {
         self.dead_bytes += self.spans[slot as usize].1 as usize;
         self.free.push(slot);
         self.maybe_compact();
     }
 
-    pub fn get(&self, slot: u32) -> &[u8] {
+    pub(crate) fn get(&self, slot: u32) -> &[u8] {
         let (offset, len) = self.spans[slot as usize];
         &self.data[offset as usize..offset as usize + len as usize]
     }
 
     /// Number of slots ever allocated (live or free): the bound of valid slot numbers.
-    pub fn slots(&self) -> usize {
+    pub(crate) fn slots(&self) -> usize {
         self.spans.len()
     }
 
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         *self = RowStore::default();
     }
 

@@ -4,7 +4,7 @@
 use super::key::{composite_key_at, key_at, Key};
 use super::store::RowStore;
 use super::StateError;
-use crate::changelog::{ops, Op, LSN, SEQ};
+use crate::changelog::{Changes, Op, LSN, SEQ};
 use arrow::array::{ArrayRef, AsArray, RecordBatch, UInt32Array};
 use arrow::datatypes::{Int64Type, SchemaRef};
 use arrow::error::ArrowError;
@@ -208,13 +208,14 @@ impl StateTable {
             .collect()
     }
 
-    /// Applies a raw change batch (row image + `_op`, in change order), or plain rows
-    /// as inserts when the batch has no `_op` column.
-    pub fn apply(&mut self, batch: &RecordBatch) -> Result<(), StateError> {
+    /// Applies changes (row images with their ops, in change order; plain rows are
+    /// inserts).
+    pub fn apply(&mut self, changes: &Changes) -> Result<(), StateError> {
         self.version += 1;
+        let batch = changes.rows();
         let n = self.schema.fields().len();
         let image: Vec<ArrayRef> = batch.columns()[..n].to_vec();
-        let ops = self.ops(batch)?;
+        let ops = changes.ops().iter().copied();
         let rows = self
             .converter
             .convert_columns(&image)
@@ -311,15 +312,11 @@ impl StateTable {
                     source: e,
                 }
             })?;
-        self.apply(&latest)
-    }
-
-    /// The operation of each row of `batch`, decoded once.
-    fn ops(&self, batch: &RecordBatch) -> Result<Vec<Op>, StateError> {
-        ops(batch).map_err(|source| StateError::UnknownOp {
+        let latest = Changes::decode(latest).map_err(|source| StateError::UnknownOp {
             table: self.name.clone(),
             source,
-        })
+        })?;
+        self.apply(&latest)
     }
 
     fn remove(&mut self, pk: &Key) {
@@ -342,24 +339,25 @@ impl StateTable {
         self.store.remove(slot);
     }
 
-    /// `batch` (raw changes, in order) with its unchanged-TOAST placeholder cells
+    /// `changes` (in order) with their unchanged-TOAST placeholder cells
     /// (`(row, column)`, sorted by row) filled with the value the row had before: from an
     /// earlier change of the same key in this batch, else from state. Called before the
     /// batch is applied. A placeholder with no earlier image (the row is unknown, or its
     /// key changed in the same update) stays NULL, and a warning says so.
     pub fn fill_unchanged(
         &self,
-        batch: &RecordBatch,
+        changes: Changes,
         cells: &[(usize, usize)],
-    ) -> Result<RecordBatch, StateError> {
+    ) -> Result<Changes, StateError> {
         #[derive(Clone, Copy, PartialEq)]
         enum Source {
             Batch(usize),
             State(usize),
             Missing,
         }
+        let batch = changes.rows();
         let keys = self.batch_keys(batch);
-        let ops = self.ops(batch)?;
+        let ops = changes.ops();
         let mut latest: HashMap<&Key, usize> = HashMap::new();
         let mut resolved: HashMap<(usize, usize), Source> = HashMap::new();
         let mut from_state: Vec<u32> = Vec::new();
@@ -426,7 +424,8 @@ impl StateTable {
             columns[c] =
                 arrow::compute::interleave(&[&columns[c], &old[c]], &indices).map_err(err)?;
         }
-        RecordBatch::try_new(batch.schema(), columns).map_err(err)
+        let filled = RecordBatch::try_new(batch.schema(), columns).map_err(err)?;
+        Ok(changes.with_rows(filled))
     }
 
     /// The rows in the given slots (from [`StateTable::lookup_slots`] or
@@ -456,7 +455,11 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Schema};
     use std::sync::Arc;
 
-    fn changes(ids: &[i32], owners: &[Option<i32>], ops: &[&str]) -> RecordBatch {
+    fn changes(ids: &[i32], owners: &[Option<i32>], ops: &[&str]) -> Changes {
+        Changes::decode(rows(ids, owners, ops)).unwrap()
+    }
+
+    fn rows(ids: &[i32], owners: &[Option<i32>], ops: &[&str]) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
             Field::new("id", DataType::Int32, false),
             Field::new("client_id", DataType::Int32, true),
@@ -523,7 +526,7 @@ mod tests {
             Field::new("client_id", DataType::Int32, true),
         ]));
         let raw = |ids: &[i32], owners: &[Option<i32>], ops: &[&str], versions: &[(i64, i64)]| {
-            let b = changes(ids, owners, ops);
+            let b = rows(ids, owners, ops);
             let mut cols = b.columns().to_vec();
             let mut fields: Vec<Field> = b
                 .schema()
@@ -590,13 +593,15 @@ mod tests {
             &["update", "insert", "update", "update", "update"],
         );
         let filled = t
-            .fill_unchanged(&batch, &[(0, 1), (2, 1), (3, 1), (4, 1)])
+            .fill_unchanged(batch.clone(), &[(0, 1), (2, 1), (3, 1), (4, 1)])
             .unwrap();
         let owners = filled
+            .rows()
             .column(1)
             .as_primitive::<arrow::datatypes::Int32Type>();
         let got: Vec<Option<i32>> = owners.iter().collect();
         assert_eq!(got, vec![Some(10), Some(50), Some(50), None, Some(10)]);
-        assert_eq!(filled.num_columns(), batch.num_columns());
+        assert_eq!(filled.rows().num_columns(), batch.rows().num_columns());
+        assert_eq!(filled.ops(), batch.ops());
     }
 }

@@ -305,13 +305,11 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
 
     let (info, client) = audited_db("pt_kill").await;
-    let p = pipeline_file(&info, "kill", Some(AS_OF));
+    let mut p = pipeline_file(&info, "kill", Some(AS_OF));
     // FAULT_MAX_ROWS: a small batch size sends most transactions through the pieces of
     // large transactions (e.g. 3).
     if let Ok(max_rows) = std::env::var("FAULT_MAX_ROWS") {
-        let yaml = std::fs::read_to_string(&p.file).unwrap();
-        let yaml = yaml.replace("max_rows: 100000", &format!("max_rows: {max_rows}"));
-        std::fs::write(&p.file, yaml).unwrap();
+        p.update(|c| c.batch.max_rows = max_rows.parse().expect("FAULT_MAX_ROWS: a number"));
     }
     let log = p.dir.join("runs.log");
 

@@ -12,9 +12,8 @@ use std::process::Command;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_larger_than_a_batch_is_committed_once_after_a_crash_between_pieces() {
     let (info, client) = audited_db("pt_large_txn").await;
-    let p = pipeline_file(&info, "large_txn", Some(AS_OF));
-    let yaml = std::fs::read_to_string(&p.file).unwrap();
-    std::fs::write(&p.file, yaml.replace("max_rows: 100000", "max_rows: 500")).unwrap();
+    let mut p = pipeline_file(&info, "large_txn", Some(AS_OF));
+    p.update(|c| c.batch.max_rows = 500);
     run_once(&p, "--once snapshot");
 
     // One transaction touching every table, many times larger than a batch.

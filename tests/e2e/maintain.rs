@@ -4,7 +4,8 @@
 use crate::support::*;
 use arrow::array::{AsArray, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema};
-use pipeline::sink::{maintain_table, DeltaSink, Maintainer, MaintenanceConfig};
+use pipeline::config::MaintenanceConfig;
+use pipeline::sink::{maintain_table, DeltaSink, Maintainer};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -129,7 +129,7 @@ impl S3Server {
 }
 
 /// A pipeline process that a failing assertion must not leave streaming.
-struct KillOnDrop(std::process::Child);
+struct KillOnDrop(Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -196,7 +196,7 @@ async fn s3_lake_survives_kill_9_and_an_s3_outage() {
             .unwrap(),
     );
     // Mid-stream: once it streams (state rebuilt from the lake), plus a few batches.
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     while !std::fs::read_to_string(p.dir.join("outage.log"))
         .unwrap_or_default()
         .contains("streaming changes")
@@ -306,7 +306,7 @@ fn one_column_batch(
 /// commit after the first goes through the conflict path: s3s-fs checks If-None-Match and
 /// then writes, not atomically, so two puts of one key in the same instant could both pass
 /// there (AWS S3 decides them atomically). The truly simultaneous race runs on a local lake.
-async fn two_writers_never_overwrite(lake: &pipeline::sink::Lake, simultaneous: bool) -> i64 {
+async fn two_writers_never_overwrite(lake: &Lake, simultaneous: bool) -> i64 {
     use arrow::datatypes::{DataType, Field, Schema};
     use pipeline::sink::DeltaSink;
     let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));

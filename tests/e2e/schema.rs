@@ -157,14 +157,10 @@ async fn a_feature_reading_a_dropped_column_stops_the_pipeline_naming_it() {
         )
         .await
         .unwrap();
-    let p = pipeline_file(&info, "schema_drop", Some(AS_OF));
+    let mut p = pipeline_file(&info, "schema_drop", Some(AS_OF));
     let notes = p.dir.join("notes.yaml");
     std::fs::write(&notes, NOTES_FEATURES).unwrap();
-    let yaml = std::fs::read_to_string(&p.file).unwrap().replace(
-        "features:\n",
-        &format!("features:\n  - {}\n", notes.display()),
-    );
-    std::fs::write(&p.file, yaml).unwrap();
+    p.update(|c| c.features.insert(0, notes.clone()));
 
     let (handle, cancel) = spawn_pipeline(p.load(), false);
     wait_slot_active(&client, &p.slot).await;
@@ -198,10 +194,7 @@ async fn a_feature_reading_a_dropped_column_stops_the_pipeline_naming_it() {
     );
 
     // Without the feature the pipeline goes on from the change it stopped at.
-    let yaml = std::fs::read_to_string(&p.file)
-        .unwrap()
-        .replace(&format!("  - {}\n", notes.display()), "");
-    std::fs::write(&p.file, yaml).unwrap();
+    p.update(|c| c.features.retain(|f| f != &notes));
     let (handle, _) = spawn_pipeline(p.load(), true);
     handle.await.unwrap().unwrap();
     let history = loan_history(&p.lake, 5).await;

@@ -4,7 +4,7 @@
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int32Type, Int64Type};
 pub use pipeline::changelog::Lsn;
-use pipeline::config::Pipeline;
+use pipeline::config::{LakeConfig, Pipeline, PipelineConfig, SourceConfig};
 pub use pipeline::sink::{Lake, LakeTable};
 use pipeline::source::ConnInfo;
 use std::collections::BTreeMap;
@@ -26,35 +26,40 @@ pub fn dump_path() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// The CRM schema, as `pipeline db seed` creates it.
+pub const SCHEMA_SQL: &str = include_str!("../../src/db/schema.sql");
+
 /// A fresh database `db` (dropped with its slots first), with the CRM schema.
 pub async fn fresh_db(db: &str) -> (ConnInfo, tokio_postgres::Client) {
-    let info = ConnInfo::parse(&format!("{}/{db}", pg_base())).unwrap();
-    pipeline::db::prepare_database(&info, true).await.unwrap();
-    let client = pipeline::source::connect(&info, 3).await.unwrap();
-    (info, client)
+    seeded_db(db, 0).await
 }
 
 pub async fn seeded_db(db: &str, users: usize) -> (ConnInfo, tokio_postgres::Client) {
     seeded_db_at(&pg_base(), db, users).await
 }
 
-/// As `seeded_db`, on the server at `base` (`postgres://user@host:port`).
+/// As `seeded_db`, on the server at `base` (`postgres://user@host:port`): `pipeline db
+/// seed` (dev tooling of the binary) with a fixed seed.
 pub async fn seeded_db_at(
     base: &str,
     db: &str,
     users: usize,
 ) -> (ConnInfo, tokio_postgres::Client) {
     let info = ConnInfo::parse(&format!("{base}/{db}")).unwrap();
-    pipeline::db::seed(
-        &info,
-        &pipeline::db::SeedOptions {
-            users,
-            seed: 7,
-            clean: true,
-        },
-    )
-    .await
-    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(["db", "seed", "--clean", "--seed", "7", "--users"])
+        .arg(users.to_string())
+        .arg("--url")
+        .arg(&info.url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pipeline db seed {db}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let client = pipeline::source::connect(&info, 3).await.unwrap();
     (info, client)
 }
@@ -65,6 +70,8 @@ pub struct TestPipeline {
     /// The temporary directory holding the pipeline file; a local lake is `<dir>/lake`.
     pub dir: PathBuf,
     pub file: PathBuf,
+    /// What `file` holds; change it with [`TestPipeline::update`].
+    pub config: PipelineConfig,
     pub lake: Lake,
     pub slot: String,
 }
@@ -86,29 +93,23 @@ pub fn pipeline_file_with_lake(
     let dir = tmp.path().to_path_buf();
     let (url, options) =
         lake.unwrap_or_else(|| (dir.join("lake").display().to_string(), BTreeMap::new()));
-    let mut lake_yaml = format!("lake:\n  url: {url}\n");
-    if !options.is_empty() {
-        lake_yaml.push_str("  storage_options:\n");
-        for (k, v) in &options {
-            lake_yaml.push_str(&format!("    {k}: \"{v}\"\n"));
-        }
-    }
-    let features = repo().join("feature_defs/client_features.yaml");
     let slot = format!("t_{name}");
-    let yaml = format!(
-        "name: {name}\nsource:\n  url: {}\n  publication: p_{name}\n  slot: {slot}\n  tables: [user, loan, payment]\n\
-         batch:\n  interval_ms: 200\n  max_rows: 100000\n{lake_yaml}features:\n  - {}\nclock:\n  as_of: {}\n",
-        info.url,
-        features.display(),
-        as_of.unwrap_or("")
-    );
+    let mut source =
+        SourceConfig::new(&info.url, format!("p_{name}"), &["user", "loan", "payment"]);
+    source.slot = Some(slot.clone());
+    let mut lake_config = LakeConfig::new(&url);
+    lake_config.storage_options = options.clone();
+    let features = vec![repo().join("feature_defs/client_features.yaml")];
+    let mut config = PipelineConfig::new(name, source, lake_config, features);
+    config.clock.as_of = as_of.map(String::from);
     let file = dir.join("pipeline.yaml");
-    std::fs::write(&file, yaml).unwrap();
+    config.save(&file).unwrap();
     TestPipeline {
         tmp: Some(tmp),
         lake: Lake::new(&url, &options).unwrap(),
         dir,
         file,
+        config,
         slot,
     }
 }
@@ -116,6 +117,12 @@ pub fn pipeline_file_with_lake(
 impl TestPipeline {
     pub fn load(&self) -> Pipeline {
         Pipeline::load(&self.file).unwrap()
+    }
+
+    /// Changes the pipeline's config and saves it to its file.
+    pub fn update(&mut self, change: impl FnOnce(&mut PipelineConfig)) {
+        change(&mut self.config);
+        self.config.save(&self.file).unwrap();
     }
 
     /// Keeps the directory (pipeline file, lake, logs) after the test, for a post-mortem.

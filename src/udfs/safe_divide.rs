@@ -10,12 +10,12 @@ use datafusion::logical_expr::{
 use std::sync::Arc;
 
 #[derive(Debug, PartialEq, Eq, Hash)]
-pub struct SafeDivide {
+pub(crate) struct SafeDivide {
     signature: Signature,
 }
 
 impl SafeDivide {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         SafeDivide {
             // Numeric arguments are coerced to DOUBLE.
             signature: Signature::uniform(2, vec![DataType::Float64], Volatility::Immutable),

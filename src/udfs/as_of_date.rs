@@ -12,25 +12,25 @@ use std::sync::Arc;
 
 /// Shared, settable as-of date (days since 1970-01-01). The engine sets it per batch.
 #[derive(Debug, Clone, Default)]
-pub struct AsOfClock(Arc<AtomicI32>);
+pub(crate) struct AsOfClock(Arc<AtomicI32>);
 
 impl AsOfClock {
-    pub fn set_days(&self, days: i32) {
+    pub(crate) fn set_days(&self, days: i32) {
         self.0.store(days, Ordering::SeqCst);
     }
-    pub fn days(&self) -> i32 {
+    pub(crate) fn days(&self) -> i32 {
         self.0.load(Ordering::SeqCst)
     }
 }
 
 #[derive(Debug)]
-pub struct AsOfDate {
+pub(crate) struct AsOfDate {
     clock: AsOfClock,
     signature: Signature,
 }
 
 impl AsOfDate {
-    pub fn new(clock: AsOfClock) -> Self {
+    pub(crate) fn new(clock: AsOfClock) -> Self {
         // Volatile: the value changes between executions of one cached plan, so the
         // optimizer must not fold it into a constant at planning time.
         AsOfDate {

@@ -10,12 +10,12 @@ use datafusion::logical_expr::{
 use std::sync::Arc;
 
 #[derive(Debug, PartialEq, Eq, Hash)]
-pub struct DaysBetween {
+pub(crate) struct DaysBetween {
     signature: Signature,
 }
 
 impl DaysBetween {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         DaysBetween {
             signature: Signature::exact(
                 vec![DataType::Date32, DataType::Date32],

@@ -1,26 +1,32 @@
-//! Rust UDFs available to every feature SQL. Each is registered by name at start-up
-//! (`register_all`); add a new one here and list it in `register_all`.
+//! Rust UDFs available to every feature SQL, registered by name at start-up. A new one
+//! is a file here plus one line in [`all`].
 
 mod as_of_date;
 mod days_between;
 mod safe_divide;
 
-pub use as_of_date::{AsOfClock, AsOfDate};
-pub use days_between::DaysBetween;
-pub use safe_divide::SafeDivide;
+pub(crate) use as_of_date::{AsOfClock, AsOfDate};
+pub(crate) use days_between::DaysBetween;
+pub(crate) use safe_divide::SafeDivide;
 
 use datafusion::logical_expr::ScalarUDF;
 use datafusion::prelude::SessionContext;
 
-/// Registers every UDF on `ctx`; `clock` backs `as_of_date()`.
-pub fn register_all(ctx: &SessionContext, clock: AsOfClock) {
-    ctx.register_udf(ScalarUDF::from(AsOfDate::new(clock)));
-    ctx.register_udf(ScalarUDF::from(DaysBetween::new()));
-    ctx.register_udf(ScalarUDF::from(SafeDivide::new()));
+/// Every UDF, the one list; `clock` backs `as_of_date()`.
+pub(crate) fn all(clock: AsOfClock) -> Vec<ScalarUDF> {
+    vec![
+        ScalarUDF::from(AsOfDate::new(clock)),
+        ScalarUDF::from(DaysBetween::new()),
+        ScalarUDF::from(SafeDivide::new()),
+    ]
 }
 
-/// Names of the registered UDFs (for `pipeline validate` messages and docs).
-pub const NAMES: &[&str] = &["as_of_date", "days_between", "safe_divide"];
+/// Registers every UDF of [`all`] on `ctx`.
+pub(crate) fn register_all(ctx: &SessionContext, clock: AsOfClock) {
+    for udf in all(clock) {
+        ctx.register_udf(udf);
+    }
+}
 
 #[cfg(test)]
 mod tests {
