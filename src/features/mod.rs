@@ -2,7 +2,9 @@
 //! entities the batch touched (through joins too), by running each feature file's SQL
 //! over the [`State`] tables scoped to those entities.
 
+mod mapping;
 mod plan;
+mod scope;
 mod touched;
 
 use crate::batch::ChangeBatch;
@@ -19,8 +21,8 @@ use datafusion::common::HashSet;
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
+pub use mapping::Mapping;
 use std::sync::Arc;
-pub use touched::Mapping;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FeatureError {
@@ -106,9 +108,9 @@ impl FeatureEngine {
         let resolved: Vec<Vec<Option<Mapping>>> = pipeline
             .feature_files
             .iter()
-            .map(|f| touched::resolve_mappings(f, schemas))
+            .map(|f| mapping::resolve_mappings(f, schemas))
             .collect::<Result<_, _>>()?;
-        let state = State::new(schemas, |t| touched::index_columns(t.index(), &resolved))?;
+        let state = State::new(schemas, |t| mapping::index_columns(t.index(), &resolved))?;
         for (t, schema) in TableId::all(schemas.len()).zip(schemas) {
             ctx.register_table(
                 datafusion::common::TableReference::bare(schema.name.name.clone()),
@@ -291,7 +293,7 @@ impl FeatureEngine {
         self.clock.set_days(as_of);
         let mut session = self.ctx.state();
         session.config_mut().set_extension(Arc::new(Scopes {
-            tables: touched::scopes(&self.state, &file.mappings, &entities),
+            tables: scope::scopes(&self.state, &file.mappings, &entities),
         }));
         FeatureQuery {
             session,

@@ -2,6 +2,7 @@
 //! (or rebuilt from the raw mirror) and kept up to date by change batches. Exposed to
 //! DataFusion as indexed table providers whose scans a query's [`Scopes`] limit.
 
+mod index;
 mod key;
 mod provider;
 mod stage;

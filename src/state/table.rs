@@ -1,7 +1,9 @@
 //! The current image of one source table, kept in Arrow's compact row format and
-//! indexed by primary key and by the columns feature mappings look up.
+//! indexed by primary key and (see [`super::index`]) by the columns feature mappings
+//! look up.
 
-use super::key::{composite_key_at, key_at, Key};
+use super::index::Indexes;
+use super::key::{composite_key_at, Key};
 use super::store::RowStore;
 use super::StateError;
 use crate::changelog::{Changes, Op, LSN, SEQ};
@@ -11,29 +13,16 @@ use arrow::error::ArrowError;
 use arrow::row::{RowConverter, SortField};
 use datafusion::common::hash_map::Entry;
 use datafusion::common::HashMap;
-use smallvec::SmallVec;
-
-/// Primary keys of the rows holding one value of an indexed column: most values (a
-/// loan's payment, a client's loans) have one or a few, kept inline.
-type Postings = SmallVec<[Key; 1]>;
 
 pub struct StateTable {
     name: String,
     schema: SchemaRef,
     key_columns: Vec<usize>,
     converter: RowConverter,
-    /// Primary key → slot of the row in `store` (and in `index_keys`).
+    /// Primary key → slot of the row in `store` (and in `indexes`).
     rows: HashMap<Key, u32>,
     store: RowStore,
-    /// Indexed columns and, for each, value → primary keys. An indexed column that is
-    /// the primary key itself keeps no map (`rows` answers it).
-    indexed: Vec<usize>,
-    indexes: Vec<Option<HashMap<Key, Postings>>>,
-    /// Per slot, the value of each indexed column that has a map (the primary key is the
-    /// `rows` key): `stride` entries per slot, `stored_at[idx]` locating index `idx`'s.
-    index_keys: Vec<Key>,
-    stored_at: Vec<Option<usize>>,
-    stride: usize,
+    indexes: Indexes,
     /// Rows announced by [`StateTable::expect_rows`], to size the row store on first use.
     expected_rows: Option<usize>,
     /// Counts changes: slots handed out at one version address other rows (or freed
@@ -57,34 +46,17 @@ impl StateTable {
             table: name.to_string(),
             source: e,
         })?;
-        let indexes: Vec<Option<HashMap<Key, Postings>>> = indexed
-            .iter()
-            .map(|&c| (key_columns != [c]).then(HashMap::new))
-            .collect();
-        let mut stride = 0;
-        let stored_at = indexes
-            .iter()
-            .map(|m| {
-                m.as_ref().map(|_| {
-                    stride += 1;
-                    stride - 1
-                })
-            })
-            .collect();
+        let indexes = Indexes::new(&key_columns, indexed);
         Ok(StateTable {
             name: name.to_string(),
             schema,
             converter,
             rows: HashMap::new(),
             store: RowStore::default(),
-            index_keys: Vec::new(),
             indexes,
-            stored_at,
-            stride,
             expected_rows: None,
             version: 0,
             key_columns,
-            indexed,
         })
     }
 
@@ -116,13 +88,13 @@ impl StateTable {
 
     /// Position of `column` among the indexed columns, if indexed.
     pub fn index_of(&self, column: usize) -> Option<usize> {
-        self.indexed.iter().position(|&c| c == column)
+        self.indexes.position(column)
     }
 
     /// Primary keys of rows whose indexed column `idx` equals `value`.
     pub fn lookup(&self, idx: usize, value: &Key) -> &[Key] {
-        match &self.indexes[idx] {
-            Some(index) => index.get(value).map(|p| p.as_slice()).unwrap_or(&[]),
+        match self.indexes.postings(idx, value) {
+            Some(pks) => pks,
             // The primary key itself: at most one row, the map's own key.
             None => self
                 .rows
@@ -135,9 +107,9 @@ impl StateTable {
     /// Rows whose indexed column `idx` equals `value`, as `(slot, primary key)` pairs
     /// appended to `out`. Slots stay valid until the table is next changed.
     pub fn lookup_slots(&self, idx: usize, value: &Key, out: &mut Vec<(u32, Key)>) {
-        match &self.indexes[idx] {
-            Some(index) => {
-                for pk in index.get(value).map(|p| p.as_slice()).unwrap_or(&[]) {
+        match self.indexes.postings(idx, value) {
+            Some(pks) => {
+                for pk in pks {
                     if let Some(&slot) = self.rows.get(pk) {
                         out.push((slot, pk.clone()));
                     }
@@ -154,10 +126,7 @@ impl StateTable {
     /// Value of indexed column `idx` in the row at `slot`, whose primary key is `pk`
     /// (both from [`StateTable::lookup_slots`]): no hashing.
     pub fn indexed_value_at<'a>(&'a self, slot: u32, pk: &'a Key, idx: usize) -> &'a Key {
-        match self.stored_at[idx] {
-            Some(at) => &self.index_keys[slot as usize * self.stride + at],
-            None => pk,
-        }
+        self.indexes.value_at(slot, idx).unwrap_or(pk)
     }
 
     /// Slot of the row with primary key `pk`.
@@ -167,19 +136,15 @@ impl StateTable {
 
     /// The distinct non-NULL values of indexed column `idx`.
     pub fn indexed_values(&self, idx: usize) -> Vec<Key> {
-        match &self.indexes[idx] {
-            Some(index) => index.keys().filter(|k| **k != Key::Null).cloned().collect(),
-            None => self.rows.keys().cloned().collect(),
-        }
+        self.indexes
+            .distinct_values(idx)
+            .unwrap_or_else(|| self.rows.keys().cloned().collect())
     }
 
     /// Value of indexed column `idx` in the row with primary key `pk`.
     pub fn indexed_value(&self, pk: &Key, idx: usize) -> Option<&Key> {
         let (key, &slot) = self.rows.get_key_value(pk)?;
-        Some(match self.stored_at[idx] {
-            Some(at) => &self.index_keys[slot as usize * self.stride + at],
-            None => key,
-        })
+        Some(self.indexes.value_at(slot, idx).unwrap_or(key))
     }
 
     /// Sizes state for `rows` more rows about to be loaded (a snapshot), so that bulk
@@ -188,7 +153,7 @@ impl StateTable {
     pub fn expect_rows(&mut self, rows: usize) {
         self.rows.reserve(rows);
         self.store.reserve_slots(rows);
-        self.index_keys.reserve_exact(rows * self.stride);
+        self.indexes.reserve(rows);
         self.expected_rows = Some(rows);
     }
 
@@ -241,28 +206,15 @@ impl StateTable {
                     }
                     self.remove(&pk);
                     let slot = self.store.insert(rows.row(i).as_ref());
-                    let at = slot as usize * self.stride;
-                    if self.index_keys.len() < self.store.slots() * self.stride {
-                        self.index_keys
-                            .resize(self.store.slots() * self.stride, Key::Null);
-                    }
-                    for (j, &c) in self.indexed.iter().enumerate() {
-                        let (Some(index), Some(k)) = (&mut self.indexes[j], self.stored_at[j])
-                        else {
-                            continue;
-                        };
-                        let v = key_at(&image[c], i);
-                        index.entry(v.clone()).or_default().push(pk.clone());
-                        self.index_keys[at + k] = v;
-                    }
+                    self.indexes
+                        .insert(slot, &pk, &image, i, self.store.slots());
                     self.rows.insert(pk, slot);
                 }
                 Op::Delete => self.remove(&pk),
                 Op::Truncate => {
                     self.rows.clear();
                     self.store.clear();
-                    self.index_keys.clear();
-                    self.indexes.iter_mut().flatten().for_each(HashMap::clear);
+                    self.indexes.clear();
                 }
             }
         }
@@ -323,19 +275,7 @@ impl StateTable {
         let Some(slot) = self.rows.remove(pk) else {
             return;
         };
-        let at = slot as usize * self.stride;
-        for (index, k) in self.indexes.iter_mut().zip(&self.stored_at) {
-            let (Some(index), Some(k)) = (index, k) else {
-                continue;
-            };
-            let v = std::mem::replace(&mut self.index_keys[at + k], Key::Null);
-            if let Some(pks) = index.get_mut(&v) {
-                pks.retain(|k| k != pk);
-                if pks.is_empty() {
-                    index.remove(&v);
-                }
-            }
-        }
+        self.indexes.remove(slot, pk);
         self.store.remove(slot);
     }
 
