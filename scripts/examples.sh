@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Produces a small lake with the pipeline and reads it from Python with deltalake,
-# Polars and DuckDB (examples/read_lake.py).
+# Polars and DuckDB (examples/read_lake.py), then trains the decision model on it
+# (examples/train_model.py) and checks the engine accepts the exported ONNX file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pipeline-target}
@@ -22,3 +23,12 @@ export PIPELINE_SLOT=examples_slot
 "$bin" run pipelines/loan_features.yaml --once
 psql -X -q "$PG_URL" -c "SELECT pg_drop_replication_slot('examples_slot')" >/dev/null
 "$venv/bin/python" examples/read_lake.py "$LAKE_URL" --expect-clients 2000
+
+# The model loop: train on this lake, then `pipeline validate` loads the ONNX file with the
+# decision rules (feature names, and the model's own check rows scored in Rust must match
+# scikit-learn's probabilities).
+"$venv/bin/python" examples/train_model.py "$LAKE_URL" --out "$work/model.onnx"
+sed "s|^model: .*|model: $work/model.onnx|" decisions/loan_rules.yaml >"$work/rules.yaml"
+sed -e "s|\.\./feature_defs/|$PWD/feature_defs/|" -e "s|^decisions: .*|decisions: $work/rules.yaml|" \
+  pipelines/loan_features.yaml >"$work/pipeline.yaml"
+"$bin" validate "$work/pipeline.yaml"

@@ -18,20 +18,30 @@
 //!   over the entities a batch touches.
 //! - [`sink`]: the [`sink::Destination`] contract (a commit returns once durable), Delta
 //!   Lake on a local directory or S3, the lake's layout and background maintenance.
-//! - [`runner`]: the start decision, the processor (batch → durable commits → the LSN to
-//!   acknowledge), the snapshot writer, the state rebuild, the retry policy, the supervisor.
+//! - [`serve`]: the online store the processor publishes computed features to (with the
+//!   watermark read-your-writes waits on), the HTTP API over it, and reads of the Delta
+//!   feature tables.
+//! - [`decide`]: `POST /v1/decisions`: served features + the application's row → an ONNX
+//!   model's score → rules → the decision, audited to the lake.
+//! - [`runner`]: the start decision, the processor (batch → features served online →
+//!   durable commits → the LSN to acknowledge), the read-your-writes fencer, the snapshot
+//!   writer, the state rebuild, the retry policy, the supervisor.
 //!
 //! Shared by all: [`changelog`] (`Lsn`, `Op`, `TableId`, `Changes`, and the raw change
-//! log's columns) and [`config`] (typed pipeline and feature files). [`serve`] reads
-//! features back. The binary adds the CLI and the `db` dev tooling (restore, seed).
+//! log's columns), [`config`] (typed pipeline and feature files) and [`metrics`] (what
+//! `/metrics` exports).
+//!
+//! The binary adds the CLI and the `db` dev tooling (restore, seed).
 //!
 //! What the binary, the tests and the docs do not need is `pub(crate)`.
 
 pub(crate) mod batch;
 pub mod changelog;
 pub mod config;
+pub mod decide;
 pub(crate) mod fault;
 pub mod features;
+pub mod metrics;
 pub mod runner;
 pub mod serve;
 pub mod sink;

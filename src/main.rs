@@ -1,4 +1,5 @@
 mod db;
+mod loadgen;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -54,6 +55,29 @@ enum Command {
     /// Checkpoint, compact and vacuum every table of the pipeline's lake now (`run` also
     /// does this in the background, per `lake.maintenance`).
     Maintain { pipeline: PathBuf },
+    /// CRM-like load on the pipeline's source database (new clients, applications,
+    /// status changes, payments); with --applications, applications submitted and decided
+    /// through the API as the CRM would, timed submit → decision.
+    Loadgen {
+        pipeline: PathBuf,
+        /// Background CRM transactions per second.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// How long (e.g. 30s, 5m).
+        #[arg(long, default_value = "60s", value_parser = loadgen::parse_duration)]
+        duration: std::time::Duration,
+        /// Applications per second, each decided through `POST /v1/decisions`.
+        #[arg(long, default_value_t = 0.0)]
+        applications: f64,
+        /// Postgres connections for the background traffic.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Base URL of the API (default: http://<serve.listen>).
+        #[arg(long)]
+        api: Option<String>,
+    },
     /// Manage the source database.
     Db {
         /// Database URL.
@@ -110,6 +134,60 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// The online API of a running pipeline.
+struct RunningApi {
+    online: pipeline::serve::Online,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The decisions' audit writer, which commits what is queued once stopped.
+    audit: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Binds `serve.listen` (failing the start if it cannot) and serves the API until
+/// stopped; it answers 503 until the run's snapshot or rebuild is done.
+async fn start_api(p: &Pipeline) -> anyhow::Result<RunningApi> {
+    use pipeline::serve::{http, Online};
+    let config = p.config.serve.clone();
+    let metrics = pipeline::metrics::install().context("installing the metrics recorder")?;
+    let online = Online::new(p.feature_files.iter().map(|f| f.name.clone()));
+    let listener = http::bind(&config).await.with_context(|| {
+        format!(
+            "{}: serve.listen: cannot listen on {}",
+            p.file.display(),
+            config.listen
+        )
+    })?;
+    let api = http::Api::new(online.clone(), config.clone(), Some(metrics));
+    let stop = CancellationToken::new();
+    let mut audit = None;
+    let router = match &p.decisions {
+        None => api.router(),
+        Some(d) => {
+            let prepared = runner::prepare(p).await?;
+            let outputs = prepared.engine.output_schemas();
+            let decisions = pipeline::decide::Decisions::compile(p, &prepared.schemas, &outputs)?
+                .expect("the pipeline has a decisions file");
+            tracing::info!(rules = d.rules.len(), model = decisions.model_id(),
+                file = %d.file.display(), "serving decisions");
+            let (routes, task) = decisions.serve(api.clone(), p, stop.clone()).await?;
+            audit = Some(task);
+            api.router_with(routes)
+        }
+    };
+    let task = tokio::spawn(http::serve(
+        listener,
+        router,
+        config.max_connections,
+        stop.clone(),
+    ));
+    Ok(RunningApi {
+        online,
+        stop,
+        task,
+        audit,
+    })
 }
 
 fn shutdown_on_signal(cancel: CancellationToken) {
@@ -169,11 +247,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let p = Pipeline::load(&pipeline)?;
             let cancel = CancellationToken::new();
             shutdown_on_signal(cancel.clone());
+            // A `--once` run is a batch job: nothing to serve.
+            let api = match p.config.serve.enabled && !once {
+                true => Some(start_api(&p).await?),
+                false => None,
+            };
             let opts = runner::RunOptions {
                 once,
+                online: api.as_ref().map(|a| a.online.clone()),
                 ..Default::default()
             };
-            let s = runner::run_supervised(&p, opts, cancel).await?;
+            let result = runner::run_supervised(&p, opts, cancel).await;
+            if let Some(api) = api {
+                api.stop.cancel();
+                api.task.await??;
+                if let Some(audit) = api.audit {
+                    audit.await?;
+                }
+            }
+            let s = result?;
             tracing::info!(snapshot_rows = s.snapshot_rows, batches = s.batches, changes = s.changes,
                 lsn = %s.last_lsn, "pipeline stopped cleanly");
         }
@@ -195,6 +287,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let p = Pipeline::load(&pipeline)?;
             let prepared = runner::prepare(&p).await?;
             let n: usize = p.feature_files.iter().map(|f| f.features.len()).sum();
+            let outputs = prepared.engine.output_schemas();
+            if let Some(d) = pipeline::decide::Decisions::compile(&p, &prepared.schemas, &outputs)?
+            {
+                let file = p.decisions.as_ref().expect("compiled from it");
+                println!(
+                    "ok: {} — {} rules, model {}",
+                    file.file.display(),
+                    file.rules.len(),
+                    d.model_id()
+                );
+            }
             println!(
                 "ok: {} — {n} features in {} file(s) planned against {} ({} tables)",
                 pipeline.display(),
@@ -271,6 +374,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     r.logs_cleaned
                 );
             }
+        }
+        Command::Loadgen {
+            pipeline,
+            rate,
+            duration,
+            applications,
+            connections,
+            seed,
+            api,
+        } => {
+            let p = Pipeline::load(&pipeline)?;
+            let opts = loadgen::LoadOptions {
+                rate,
+                duration,
+                applications,
+                connections: connections.max(1),
+                seed,
+                api,
+            };
+            loadgen::run(&p, opts).await?;
         }
         Command::Db { url, command } => {
             let info = ConnInfo::parse(&url)?;

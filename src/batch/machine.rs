@@ -52,6 +52,8 @@ struct OpenTxn {
     seen: i64,
     /// Pieces already handed on (see [`BatchKind::Piece`]).
     pieces: usize,
+    /// It carries a read-your-writes fence (a logical message of the pipeline's).
+    fence: bool,
 }
 
 /// Committed transactions encoded but not yet handed on.
@@ -63,6 +65,9 @@ struct Pending {
     commit_lsn: Lsn,
     ts: i64,
     first_received: Option<Instant>,
+    /// Transactions without rows for us ended after everything handed on (`end_lsn`):
+    /// a [`BatchKind::Progress`] batch tells the processor.
+    progress: bool,
 }
 
 pub(crate) struct Batcher {
@@ -103,7 +108,9 @@ impl Batcher {
     /// already available first); a full piece goes when nothing committed is pending.
     pub(crate) fn has_batch(&self) -> bool {
         let boundary = self.open.is_none() || self.stop.is_some();
-        (self.pending.txns > 0 && boundary) || self.piece_full() || self.end_due()
+        ((self.pending.txns > 0 || self.pending.progress) && boundary)
+            || self.piece_full()
+            || self.end_due()
     }
 
     /// When the pending transactions become due (the oldest has waited `interval`);
@@ -165,6 +172,7 @@ impl Batcher {
                     changes: Vec::new(),
                     seen: 0,
                     pieces: 0,
+                    fence: false,
                 });
             }
             SourceEvent::Change { table, op, row } => {
@@ -187,6 +195,8 @@ impl Batcher {
             SourceEvent::Fence { token } => {
                 if self.opts.fence_token.as_deref() == Some(token.as_str()) {
                     self.stop_with(Stop::Fence);
+                } else if let Some(t) = self.open.as_mut() {
+                    t.fence = true;
                 }
             }
             SourceEvent::SchemaChanged { table, columns } => {
@@ -215,6 +225,8 @@ impl Batcher {
             self.cut(BatchKind::Transactions, now)
         } else if self.piece_full() {
             self.piece(now)
+        } else if self.pending.progress {
+            self.cut(BatchKind::Progress, now)
         } else {
             debug_assert!(self.end_due());
             self.end_sent = true;
@@ -261,8 +273,11 @@ impl Batcher {
             return;
         }
         if t.seen == 0 {
-            // Transactions touching none of our tables still move the ack point.
+            // Transactions touching none of our tables still move the ack point; a
+            // read-your-writes fence also moves the watermark its readers wait on, at
+            // once when nothing is pending (else with the pending batch).
             self.pending.end_lsn = end_lsn;
+            self.pending.progress |= t.fence && self.pending.txns == 0;
             return;
         }
         self.pending.first_received.get_or_insert(now);
@@ -339,6 +354,7 @@ impl Batcher {
         p.txns = 0;
         p.rows = 0;
         p.first_received = None;
+        p.progress = false;
         batch
     }
 }
@@ -508,6 +524,34 @@ mod tests {
         assert_eq!((end.kind, end.rows), (BatchKind::End, 0));
         assert!(end.tables[0].is_none());
         assert!(matches!(h.b.finished(), Some(Finish::Done)));
+        assert!(h.next().is_none());
+    }
+
+    #[test]
+    fn a_fence_transaction_moves_the_watermark_on_its_own_only_when_idle() {
+        let mut h = Harness::new(10, 0, None);
+        // A fence (a transactional message, no row changes) with nothing pending.
+        h.begin(100, 1);
+        h.feed(SourceEvent::Fence { token: "rw".into() });
+        assert!(!h.b.has_batch(), "not before its commit");
+        h.commit(100, 108, 1);
+        let b = h.next().unwrap();
+        assert_eq!(
+            (b.kind, b.rows, b.transactions, b.end_lsn),
+            (BatchKind::Progress, 0, 0, Lsn::new(108))
+        );
+        assert!(b.tables.iter().all(Option::is_none));
+        assert!(h.next().is_none());
+        // Behind a pending transaction it only moves that batch's end.
+        h.txn(200, 1);
+        h.begin(300, 1);
+        h.feed(SourceEvent::Fence { token: "rw".into() });
+        h.commit(300, 308, 1);
+        let b = h.next().unwrap();
+        assert_eq!(
+            (b.kind, b.transactions, b.end_lsn),
+            (BatchKind::Transactions, 1, Lsn::new(308))
+        );
         assert!(h.next().is_none());
     }
 

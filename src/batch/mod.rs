@@ -31,6 +31,10 @@ pub enum BatchKind {
     /// batch(es). Nothing of a piece may be committed or acknowledged before the
     /// [`BatchKind::Transactions`] batch that holds the transaction's end.
     Piece,
+    /// Transactions that changed none of the configured tables (a read-your-writes
+    /// fence, see `runner::fence`) ended at `end_lsn`, with nothing pending before
+    /// them: everything up to it has been handed on. Holds no rows.
+    Progress,
     /// The end of a `--once` run: every transaction committed before the run started
     /// has been handed on. Holds no rows.
     End,

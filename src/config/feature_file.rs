@@ -259,8 +259,8 @@ impl FeatureFile {
     }
 }
 
-/// Line of `name: <feature>` in the file text (best effort; used only in messages).
-fn find_line(text: &str, feature: &str) -> Option<usize> {
+/// Line of `name: <feature>` (or of a rule's `name:`) in the file text (best effort; used only in messages).
+pub(super) fn find_line(text: &str, feature: &str) -> Option<usize> {
     text.lines()
         .position(|l| {
             let t = l.trim_start().trim_start_matches("- ").trim();

@@ -2,16 +2,21 @@
 //!
 //! Every error names the file and, where serde can tell, the YAML path and line.
 
+mod decisions;
 mod feature_file;
 mod interpolate;
 mod maintenance;
+mod serve;
 
+pub use decisions::{ApplicationDef, DecisionsFile, RuleDef};
+use feature_file::find_line;
 pub use feature_file::{
     EntityDef, FeatureDef, FeatureFile, FeatureType, SourceMapping, COMPUTED_AT, DELETED,
     FEATURE_TIME, OUTPUT_COLUMNS, OUTPUT_LSN,
 };
 pub use interpolate::interpolate;
 pub use maintenance::MaintenanceConfig;
+pub use serve::ServeConfig;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -88,6 +93,13 @@ pub struct PipelineConfig {
     pub features: Vec<PathBuf>,
     #[serde(default)]
     pub clock: ClockConfig,
+    /// The online API; off when the file has no `serve:` section.
+    #[serde(default = "ServeConfig::disabled")]
+    pub serve: ServeConfig,
+    /// A decisions file (rules + model) served as `POST /v1/decisions`, relative to this
+    /// file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decisions: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -266,6 +278,8 @@ impl PipelineConfig {
             lake,
             features,
             clock: ClockConfig::default(),
+            serve: ServeConfig::disabled(),
+            decisions: None,
         }
     }
 
@@ -282,6 +296,7 @@ impl PipelineConfig {
         self.batch.validate().map_err(|e| e.within("batch"))?;
         self.lake.validate().map_err(|e| e.within("lake"))?;
         self.clock.as_of().map_err(|e| e.within("clock"))?;
+        self.serve.validate().map_err(|e| e.within("serve"))?;
         if self.features.is_empty() {
             return Err(Invalid::at(
                 "features",
@@ -310,6 +325,7 @@ pub struct Pipeline {
     pub as_of: Option<chrono::NaiveDate>,
     pub tables: Vec<TableName>,
     pub feature_files: Vec<FeatureFile>,
+    pub decisions: Option<DecisionsFile>,
 }
 
 /// A source table's qualified name.
@@ -460,12 +476,53 @@ impl Pipeline {
             }
             feature_files.push(ff);
         }
+        let decisions = match &config.decisions {
+            None => None,
+            Some(d) => {
+                let dpath = base.join(d);
+                if !dpath.exists() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        "decisions",
+                        format!("decisions file {} does not exist", dpath.display()),
+                    ));
+                }
+                let dec = DecisionsFile::load(&dpath)?;
+                if !feature_files.iter().any(|f| f.name == dec.features) {
+                    return Err(ConfigError::invalid(
+                        &dpath,
+                        "features",
+                        format!(
+                            "`{}` is not a feature file of {} (it has: {})",
+                            dec.features,
+                            file.display(),
+                            feature_files
+                                .iter()
+                                .map(|f| f.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+                if let Some(a) = &dec.application {
+                    if !tables.iter().any(|t| t.name == a.table) {
+                        return Err(ConfigError::invalid(
+                            &dpath,
+                            "application.table",
+                            format!("`{}` is not in source.tables", a.table),
+                        ));
+                    }
+                }
+                Some(dec)
+            }
+        };
         Ok(Pipeline {
             file: file.to_path_buf(),
             config,
             as_of,
             tables,
             feature_files,
+            decisions,
         })
     }
 }

@@ -1,17 +1,21 @@
 //! Wires the stages; every stage's logic lives in its own module.
 //!
 //! ```text
-//!  Postgres ──pgoutput──▶ batcher ──ChangeBatch (bounded, 1)──▶ Processor ──▶ Destination (Delta: raw + features)
-//!     ▲                                                            │
-//!     └──────── ack LSN (watch; only after every table is durable) ◀┘
+//!  Postgres ──pgoutput──▶ batcher ──ChangeBatch (bounded, 1)──▶ Compute ──Work (bounded, 4)──▶ Committer ──▶ Destination (Delta: raw + features)
+//!     ▲   ▲                                                       │ features, watermark                │
+//!     │   └── fencer (a reader waits beyond the watermark) ◀── Online ◀┘                                  │
+//!     └──────── ack LSN (watch; only after every table of a batch is durable) ◀─────────────────────────┘
 //! ```
 //!
 //! A run: [`prepare`] (schemas, planned features) → [`start::decide`] (snapshot, resume
 //! or refuse, from the slot and the lake's [`ResumePoint`](crate::sink::ResumePoint)) →
-//! [`snapshot::write_snapshot`] or [`rebuild::rebuild_state`] → the stream loop, where the
-//! [`processor::Processor`] turns each batch into durable commits and returns the LSN
-//! the batcher acknowledges. [`run_supervised`] restarts runs that [`policy`] retries.
+//! [`snapshot::write_snapshot`] or [`rebuild::rebuild_state`] → the stream, where
+//! [`processor::Compute`] applies each batch to state, computes its features and
+//! publishes them online, and [`processor::Committer`] turns them into durable commits
+//! and returns the LSN the batcher acknowledges. [`run_supervised`] restarts runs that
+//! [`policy`] retries.
 
+mod fence;
 mod policy;
 mod processor;
 mod rebuild;
@@ -83,13 +87,15 @@ impl From<SinkError> for RunError {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct RunOptions {
     /// Process what was committed before the start, then exit.
     pub once: bool,
     /// Drop the slot (if any), take a new snapshot replacing every table, then exit:
     /// the way back after the slot was invalidated or lost.
     pub resnapshot: bool,
+    /// Serve computed features from memory (the online API reads them here).
+    pub online: Option<crate::serve::Online>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -193,7 +199,7 @@ async fn run_stages(
     cancel: CancellationToken,
     overrides: &SchemaOverrides,
 ) -> Result<(RunSummary, Option<SchemaChange>), RunError> {
-    let stages = Stages::prepare(pipeline, overrides).await?;
+    let stages = Stages::prepare(pipeline, overrides, opts.online.clone()).await?;
     let mut sink = stages.open_sink().await?;
     let slot = source::slot_status(&stages.client, &stages.slot).await?;
     let start = start::decide(&StartFacts {
@@ -228,18 +234,11 @@ async fn run_stages(
             rebuild_to,
             skip_through,
         } => {
-            stages.resume(&sink, rebuild_to).await?;
+            stages.resume(&sink, rebuild_to, skip_through).await?;
             skip_through
         }
     };
-    let streamed = stages.stream(
-        repl,
-        &mut sink,
-        skip_through,
-        opts.once,
-        &mut summary,
-        cancel,
-    );
+    let streamed = stages.stream(repl, sink, skip_through, opts.once, &mut summary, cancel);
     let change = streamed.await?;
     Ok((summary, change))
 }

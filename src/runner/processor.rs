@@ -1,58 +1,83 @@
 //! The processor: turns one [`ChangeBatch`] into committed, durable tables and says
-//! which LSN may then be acknowledged.
+//! which LSN may then be acknowledged. It has two halves that run side by side, so
+//! that the next batch is applied and computed while this one commits:
 //!
-//! For a batch of transactions: unchanged TOAST values filled from state, the batch
-//! applied to state (collecting the entities it touched), their features computed, and
-//! every touched raw and feature table committed through the [`Destination`], each
-//! tagged with the batch's end LSN. A piece of a large transaction is applied and its
-//! raw rows written ahead; it commits with the transaction's end.
+//! - [`Compute`]: unchanged TOAST values filled from state, the batch applied to state
+//!   (collecting the entities it touched), their features computed and published
+//!   online (the watermark moves to the batch's end), the rows to write handed on as
+//!   [`Work`]. A piece of a large transaction is applied and its raw rows handed on to
+//!   be written ahead.
+//! - [`Committer`]: in order, every touched raw and feature table committed through the
+//!   [`Destination`], each tagged with the batch's end LSN; returns the LSN to
+//!   acknowledge once all are durable.
+//!
+//! Online values may so be served before their Delta commit is durable; a crash in
+//! between replays the same transactions from the slot and commits the same values.
 
 use super::{policy, RunError};
 use crate::batch::{BatchKind, ChangeBatch};
 use crate::changelog::{Lsn, LSN};
 use crate::features::{FeatureEngine, FeatureRows, Touched};
+use crate::serve::Online;
 use crate::sink::{Destination, LakeTable, SinkError, Writes};
 use crate::source::TableSchema;
 use arrow::array::{AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::Int64Type;
+use std::time::Instant;
 
-/// The pieces of a transaction larger than one batch seen so far: applied to state,
-/// their raw rows written ahead.
-struct LargeTxn<S> {
-    staged: S,
-    /// Rows written ahead so far.
-    rows: usize,
-    touched: Touched,
+/// What the committer does with one batch, in the order the batches came.
+pub(crate) enum Work {
+    /// A piece of a large transaction: its raw rows, written ahead without a commit.
+    Stage(Vec<(LakeTable, RecordBatch)>),
+    /// A batch of transactions: its raw rows and features, one commit per table.
+    Commit {
+        raw: Vec<(LakeTable, RecordBatch)>,
+        features: Writes,
+        batch: BatchInfo,
+    },
+    /// Transactions without rows for our tables (e.g. a read-your-writes fence) ended
+    /// at this LSN: nothing to write, acknowledge once everything before is durable.
+    Progress(Lsn),
+    /// The end of a `--once` run.
+    End,
 }
 
-pub(crate) struct Processor<'a, D: Destination> {
+/// What the log line and the metrics of a committed batch say.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchInfo {
+    pub end_lsn: Lsn,
+    pub commit_ts_micros: i64,
+    pub transactions: usize,
+    pub rows: usize,
+    pub first_received: Instant,
+}
+
+/// The apply-and-compute half (see the module doc).
+pub(crate) struct Compute<'a> {
     engine: &'a FeatureEngine,
-    sink: &'a mut D,
     schemas: &'a [TableSchema],
-    /// A transaction larger than one batch, between its first piece and its end.
-    large: Option<LargeTxn<D::Staged>>,
+    online: Option<&'a Online>,
+    /// Entities touched by the pieces of a large transaction seen so far.
+    large: Option<Touched>,
 }
 
-impl<'a, D: Destination + Sync> Processor<'a, D> {
+impl<'a> Compute<'a> {
     pub(crate) fn new(
         engine: &'a FeatureEngine,
-        sink: &'a mut D,
         schemas: &'a [TableSchema],
+        online: Option<&'a Online>,
     ) -> Self {
-        Processor {
+        Compute {
             engine,
-            sink,
             schemas,
+            online,
             large: None,
         }
     }
 
-    /// Processes `batch`. `Some(lsn)`: every table the batch touches holds it durably,
-    /// acknowledge `lsn`. `None`: nothing to acknowledge (a piece, or the end).
-    pub(crate) async fn process(
-        &mut self,
-        mut batch: ChangeBatch,
-    ) -> Result<Option<Lsn>, RunError> {
+    /// Applies `batch` to state, computes and publishes the features it changes, and
+    /// returns what must be written.
+    pub(crate) async fn compute(&mut self, mut batch: ChangeBatch) -> Result<Work, RunError> {
         // Before anything reads the rows: the raw mirror and state get the full image.
         self.engine
             .state()
@@ -60,83 +85,151 @@ impl<'a, D: Destination + Sync> Processor<'a, D> {
             .map_err(crate::features::FeatureError::from)?;
         match batch.kind {
             BatchKind::Piece => {
-                self.stage_piece(&batch).await?;
-                Ok(None)
+                let engine = self.engine;
+                let touched = self.large.get_or_insert_with(|| engine.no_entities());
+                engine.apply(&batch, touched)?;
+                tracing::info!(
+                    rows = batch.rows,
+                    touched = touched.len(),
+                    commit_lsn = %batch.commit_lsn,
+                    "large transaction: piece applied"
+                );
+                Ok(Work::Stage(raw_rows(self.schemas, &batch)))
             }
             BatchKind::Transactions => {
-                self.commit(&batch).await?;
-                Ok(Some(batch.end_lsn))
+                let mut touched = self
+                    .large
+                    .take()
+                    .unwrap_or_else(|| self.engine.no_entities());
+                self.engine.apply(&batch, &mut touched)?;
+                let features = self
+                    .engine
+                    .compute_touched(touched, batch.commit_lsn, batch.commit_ts_micros)
+                    .await?;
+                if let Some(online) = self.online {
+                    for f in &features {
+                        online.apply(&f.table, &f.batch);
+                    }
+                    online.advance(batch.end_lsn);
+                    metrics::histogram!(crate::metrics::COMMIT_TO_ONLINE)
+                        .record(crate::metrics::since_commit(batch.commit_ts_micros));
+                }
+                Ok(Work::Commit {
+                    raw: raw_rows(self.schemas, &batch),
+                    features: feature_writes(features),
+                    batch: BatchInfo {
+                        end_lsn: batch.end_lsn,
+                        commit_ts_micros: batch.commit_ts_micros,
+                        transactions: batch.transactions,
+                        rows: batch.rows,
+                        first_received: batch.first_received,
+                    },
+                })
+            }
+            BatchKind::Progress => {
+                if let Some(online) = self.online {
+                    online.advance(batch.end_lsn);
+                }
+                Ok(Work::Progress(batch.end_lsn))
             }
             BatchKind::End if self.large.is_some() => Err(RunError::PiecesWithoutEnd),
-            BatchKind::End => Ok(None),
+            BatchKind::End => Ok(Work::End),
         }
-    }
-
-    /// Applies a piece of a large transaction to state and writes its raw rows ahead;
-    /// the commit comes with the transaction's end. If the run stops before, state is
-    /// rebuilt from the lake and Postgres sends the whole transaction again.
-    async fn stage_piece(&mut self, batch: &ChangeBatch) -> Result<(), RunError> {
-        let engine = self.engine;
-        let txn = self.large.get_or_insert_with(|| LargeTxn {
-            staged: D::Staged::default(),
-            rows: 0,
-            touched: engine.no_entities(),
-        });
-        engine.apply(batch, &mut txn.touched)?;
-        for (path, rows) in raw_writes(&*self.sink, self.schemas, batch)? {
-            self.sink
-                .stage(&mut txn.staged, &path, &rows)
-                .await
-                .map_err(raw_write_error)?;
-            txn.rows += rows.num_rows();
-        }
-        crate::fault::crash_point("large_txn_piece");
-        tracing::info!(
-            rows_so_far = txn.rows,
-            touched = txn.touched.len(),
-            commit_lsn = %batch.commit_lsn,
-            "large transaction: piece applied and written ahead"
-        );
-        Ok(())
-    }
-
-    async fn commit(&mut self, batch: &ChangeBatch) -> Result<(), RunError> {
-        let (mut touched, staged) = match self.large.take() {
-            Some(txn) => (txn.touched, txn.staged),
-            None => (self.engine.no_entities(), D::Staged::default()),
-        };
-        self.engine.apply(batch, &mut touched)?;
-        let features = self
-            .engine
-            .compute_touched(touched, batch.commit_lsn, batch.commit_ts_micros)
-            .await?;
-        let mut writes: Writes = raw_writes(&*self.sink, self.schemas, batch)?
-            .into_iter()
-            .map(|(path, rows)| (path, vec![rows]))
-            .collect();
-        writes.extend(feature_writes(features));
-        self.sink
-            .commit(writes, batch.end_lsn, staged)
-            .await
-            .map_err(raw_write_error)
     }
 }
 
-/// The batch's raw rows by raw table. After a crash between table commits, a table
-/// keeps only the transactions it lacks.
-fn raw_writes<D: Destination>(
-    sink: &D,
-    schemas: &[TableSchema],
-    batch: &ChangeBatch,
-) -> Result<Vec<(LakeTable, RecordBatch)>, RunError> {
-    let mut out = Vec::new();
-    for (schema, rows) in schemas.iter().zip(&batch.tables) {
-        let Some(changes) = rows else { continue };
-        let path = LakeTable::raw_of(&schema.name);
-        let rows = not_yet_committed(changes.rows(), sink.resume_point().committed(&path))?;
-        out.push((path, rows));
+/// The commit half (see the module doc): owns the destination (`&mut D` will do).
+pub(crate) struct Committer<D: Destination> {
+    sink: D,
+    /// Files written ahead for a large transaction, committed with its end.
+    staged: Option<(D::Staged, usize)>,
+}
+
+impl<D: Destination + Sync> Committer<D> {
+    pub(crate) fn new(sink: D) -> Self {
+        Committer { sink, staged: None }
     }
-    Ok(out)
+
+    /// Writes `work`. `Some(lsn)`: every table the batch touches holds it durably,
+    /// acknowledge `lsn`. `None`: nothing to acknowledge (a piece, or the end).
+    pub(crate) async fn commit(&mut self, work: Work) -> Result<Option<Lsn>, RunError> {
+        match work {
+            Work::Stage(raw) => {
+                let (staged, rows) = self.staged.get_or_insert_with(Default::default);
+                for (path, batch) in raw {
+                    self.sink
+                        .stage(staged, &path, &batch)
+                        .await
+                        .map_err(raw_write_error)?;
+                    *rows += batch.num_rows();
+                }
+                crate::fault::crash_point("large_txn_piece");
+                tracing::info!(
+                    rows_so_far = *rows,
+                    "large transaction: piece written ahead"
+                );
+                Ok(None)
+            }
+            Work::Commit {
+                raw,
+                features,
+                batch,
+            } => {
+                let staged = self.staged.take().map(|(s, _)| s).unwrap_or_default();
+                let mut writes: Writes = Vec::with_capacity(raw.len() + features.len());
+                for (path, rows) in raw {
+                    let rows = not_yet_committed(&rows, self.sink.resume_point().committed(&path))?;
+                    writes.push((path, vec![rows]));
+                }
+                writes.extend(features);
+                self.sink
+                    .commit(writes, batch.end_lsn, staged)
+                    .await
+                    .map_err(raw_write_error)?;
+                metrics::histogram!(crate::metrics::COMMIT_TO_DURABLE)
+                    .record(crate::metrics::since_commit(batch.commit_ts_micros));
+                Ok(Some(batch.end_lsn))
+            }
+            // Everything before it is durable (the works come in order).
+            Work::Progress(lsn) => Ok(Some(lsn)),
+            Work::End => Ok(None),
+        }
+    }
+}
+
+/// Both halves in one, one batch at a time (the unit tests drive it so).
+#[cfg(test)]
+pub(crate) struct Processor<'a, D: Destination> {
+    compute: Compute<'a>,
+    committer: Committer<D>,
+}
+
+#[cfg(test)]
+impl<'a, D: Destination + Sync> Processor<'a, D> {
+    pub(crate) fn new(engine: &'a FeatureEngine, sink: D, schemas: &'a [TableSchema]) -> Self {
+        Processor {
+            compute: Compute::new(engine, schemas, None),
+            committer: Committer::new(sink),
+        }
+    }
+
+    pub(crate) async fn process(&mut self, batch: ChangeBatch) -> Result<Option<Lsn>, RunError> {
+        let work = self.compute.compute(batch).await?;
+        self.committer.commit(work).await
+    }
+}
+
+/// The batch's raw rows by raw table (all of them: the committer drops those a table
+/// already holds).
+fn raw_rows(schemas: &[TableSchema], batch: &ChangeBatch) -> Vec<(LakeTable, RecordBatch)> {
+    schemas
+        .iter()
+        .zip(&batch.tables)
+        .filter_map(|(schema, rows)| {
+            let changes = rows.as_ref()?;
+            Some((LakeTable::raw_of(&schema.name), changes.rows().clone()))
+        })
+        .collect()
 }
 
 /// A raw table refusing a batch for good (not the store being away) gets the way out.
@@ -157,7 +250,8 @@ pub(crate) fn feature_writes(features: Vec<FeatureRows>) -> Writes {
         .collect()
 }
 
-/// Rows whose transaction commits at or after `committed` (an end LSN already in the table).
+/// Rows whose transaction commits at or after `committed` (an end LSN already in the
+/// table); after a crash between table commits, a table keeps only what it lacks.
 fn not_yet_committed(rows: &RecordBatch, committed: Lsn) -> Result<RecordBatch, RunError> {
     let lsn = rows
         .column_by_name(LSN)

@@ -5,6 +5,7 @@ use super::RunError;
 use crate::changelog::{self, Lsn, Op, TableId, LSN, OP, SEQ};
 use crate::config::quote_ident;
 use crate::features::{FeatureEngine, FeatureError};
+use crate::serve::Online;
 use crate::sink::{DeltaSink, LakeTable};
 use crate::source::TableSchema;
 use arrow::array::{AsArray, RecordBatch};
@@ -35,15 +36,7 @@ pub(crate) async fn rebuild_state(
             source: e,
         };
         let read_err = |e: datafusion::error::DataFusionError| err(Box::new(e));
-        let table = sink
-            .table(&path)
-            .ok_or_else(|| err("the table is not open in the sink".into()))?;
-        let ctx = SessionContext::new();
-        table
-            .update_datafusion_session(&ctx.state())
-            .map_err(|e| err(Box::new(e)))?;
-        let provider = table.table_provider().await.map_err(|e| err(Box::new(e)))?;
-        ctx.register_table("raw", provider).map_err(read_err)?;
+        let ctx = session_over(sink, &path, "raw").await?;
 
         let after_truncate = match last_truncate(&ctx, (&lsn, &seq, &op), resume_at)
             .await
@@ -75,6 +68,61 @@ pub(crate) async fn rebuild_state(
         }
     }
     Ok(engine.state().sizes().iter().sum())
+}
+
+/// Loads `online` with every entity's newest feature row in the lake (per feature
+/// table, the row with the highest `_lsn`; a tombstone means no entity), streamed in
+/// file order so that memory follows the entities, not the history. Returns the
+/// entities loaded.
+pub(crate) async fn rebuild_online(
+    engine: &FeatureEngine,
+    sink: &DeltaSink,
+    online: &Online,
+) -> Result<usize, RunError> {
+    for (name, want) in engine.output_schemas() {
+        let path = LakeTable::features(&name);
+        let err = |e: Box<dyn std::error::Error + Send + Sync>| RunError::Rebuild {
+            table: path.clone(),
+            source: e,
+        };
+        let read_err = |e: datafusion::error::DataFusionError| err(Box::new(e));
+        let ctx = session_over(sink, &path, "f").await?;
+        let mut stream = ctx
+            .sql("SELECT * FROM f")
+            .await
+            .map_err(read_err)?
+            .execute_stream()
+            .await
+            .map_err(read_err)?;
+        while let Some(b) = stream.next().await {
+            let b = conform(&b.map_err(read_err)?, &want).map_err(|m| err(m.into()))?;
+            online.load(&name, &b);
+        }
+    }
+    Ok(online.sizes().iter().map(|(_, n)| n).sum())
+}
+
+/// A DataFusion session with the lake table `path` registered as `alias`.
+async fn session_over(
+    sink: &DeltaSink,
+    path: &LakeTable,
+    alias: &str,
+) -> Result<SessionContext, RunError> {
+    let err = |e: Box<dyn std::error::Error + Send + Sync>| RunError::Rebuild {
+        table: path.clone(),
+        source: e,
+    };
+    let table = sink
+        .table(path)
+        .ok_or_else(|| err("the table is not open in the sink".into()))?;
+    let ctx = SessionContext::new();
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|e| err(Box::new(e)))?;
+    let provider = table.table_provider().await.map_err(|e| err(Box::new(e)))?;
+    ctx.register_table(alias, provider)
+        .map_err(|e| err(Box::new(e)))?;
+    Ok(ctx)
 }
 
 /// `(_lsn, _seq)` of the last truncate before `resume_at`, if any. `lsn`, `seq` and

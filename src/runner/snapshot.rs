@@ -4,6 +4,7 @@ use super::processor::feature_writes;
 use super::RunError;
 use crate::changelog::{self, Lsn};
 use crate::features::FeatureEngine;
+use crate::serve::Online;
 use crate::sink::{Destination, LakeTable};
 use crate::source::{InitialSnapshot, TableSchema};
 use std::time::Instant;
@@ -19,6 +20,7 @@ pub(crate) async fn write_snapshot<D: Destination>(
     sink: &mut D,
     schemas: &[TableSchema],
     snap: InitialSnapshot,
+    online: Option<&Online>,
 ) -> Result<usize, RunError> {
     let InitialSnapshot {
         consistent_lsn,
@@ -49,16 +51,18 @@ pub(crate) async fn write_snapshot<D: Destination>(
     let loaded = loading.await;
     committed?;
     loaded.map_err(crate::features::FeatureError::from)?;
-    write_features(engine, sink, consistent_lsn, taken_at_micros).await?;
+    write_features(engine, sink, consistent_lsn, taken_at_micros, online).await?;
     Ok(rows)
 }
 
-/// Every entity's features on the loaded state, committed as the rest of the snapshot.
+/// Every entity's features on the loaded state, committed as the rest of the snapshot
+/// (and loaded online).
 async fn write_features<D: Destination>(
     engine: &FeatureEngine,
     sink: &mut D,
     lsn: Lsn,
     taken_at_micros: i64,
+    online: Option<&Online>,
 ) -> Result<(), RunError> {
     let t0 = Instant::now();
     let features = engine.compute_all(lsn, taken_at_micros).await?;
@@ -66,6 +70,11 @@ async fn write_features<D: Destination>(
         elapsed_ms = t0.elapsed().as_millis() as u64,
         "features computed for every entity"
     );
+    if let Some(online) = online {
+        for f in &features {
+            online.apply(&f.table, &f.batch);
+        }
+    }
     sink.write_snapshot(feature_writes(features), lsn).await?;
     Ok(())
 }

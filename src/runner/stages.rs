@@ -1,12 +1,13 @@
 //! One run's stages, prepared: the steps [`super::run_stages`] wires, one method each.
 
-use super::processor::Processor;
-use super::{rebuild, snapshot, RunError, RunSummary, SchemaOverrides};
-use crate::batch::{self, BatchKind, BatcherOptions, ChangeBatch, SchemaChange};
+use super::processor::{BatchInfo, Committer, Compute, Work};
+use super::{fence, rebuild, snapshot, RunError, RunSummary, SchemaOverrides};
+use crate::batch::{self, BatcherOptions, ChangeBatch, SchemaChange};
 use crate::changelog::Lsn;
 use crate::config::Pipeline;
 use crate::features::FeatureEngine;
-use crate::sink::{DeltaSink, Lake, LakeTable, Maintainer, Mark, TableSpec};
+use crate::serve::{Online, Phase};
+use crate::sink::{DeltaSink, Destination, Lake, LakeTable, Maintainer, Mark, TableSpec};
 use crate::source::{self, ChangeStream, ConnInfo, SourceError, TableSchema};
 use pgwire_replication::ReplicationClient;
 use std::time::{Duration, Instant};
@@ -15,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 /// How often the slot's retained WAL and lag are logged.
 const SLOT_HEALTH_EVERY: Duration = Duration::from_secs(30);
+/// Batches computed ahead of the one committing: the next batches are applied and
+/// served online while the Delta commits of earlier ones run.
+const COMPUTED_AHEAD: usize = 4;
 
 /// What one run of the stages works with: the source checked, the features planned,
 /// the lake opened.
@@ -26,6 +30,8 @@ pub(super) struct Stages<'a> {
     pub engine: FeatureEngine,
     pub lake: Lake,
     pub slot: String,
+    /// Where computed features are served from, when the API is on.
+    pub online: Option<Online>,
 }
 
 impl<'a> Stages<'a> {
@@ -34,6 +40,7 @@ impl<'a> Stages<'a> {
     pub(crate) async fn prepare(
         pipeline: &'a Pipeline,
         overrides: &SchemaOverrides,
+        online: Option<Online>,
     ) -> Result<Stages<'a>, RunError> {
         let super::Prepared {
             conn,
@@ -54,7 +61,16 @@ impl<'a> Stages<'a> {
             engine,
             lake,
             slot,
+            online,
         })
+    }
+
+    /// The online store starts loading (`phase`): emptied, on this run's schemas.
+    fn begin_online(&self, phase: Phase) {
+        if let Some(online) = &self.online {
+            online.begin(phase, &self.engine.output_schemas());
+            online.set_state(self.engine.state().clone());
+        }
     }
 
     /// Opens every raw and feature table of the pipeline, with background maintenance.
@@ -103,6 +119,7 @@ impl<'a> Stages<'a> {
         summary: &mut RunSummary,
     ) -> Result<Lsn, RunError> {
         let started = Instant::now();
+        self.begin_online(Phase::Snapshot);
         if resnapshot {
             let note = format!("slot {}\n", self.slot);
             self.lake
@@ -115,8 +132,9 @@ impl<'a> Stages<'a> {
         let snap =
             source::create_slot_with_snapshot(repl, &self.slot, &self.conn, &self.schemas).await?;
         let lsn = snap.consistent_lsn;
+        let online = self.online.as_ref();
         summary.snapshot_rows =
-            snapshot::write_snapshot(&self.engine, sink, &self.schemas, snap).await?;
+            snapshot::write_snapshot(&self.engine, sink, &self.schemas, snap, online).await?;
         if resnapshot {
             self.lake.remove_marker(Mark::ResnapshotInProgress).await?;
         }
@@ -124,25 +142,47 @@ impl<'a> Stages<'a> {
         tracing::info!(rows = summary.snapshot_rows, %lsn,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "initial snapshot committed to the lake");
+        if let Some(online) = &self.online {
+            online.ready(lsn);
+        }
         Ok(lsn)
     }
 
-    /// Rebuilds state from the lake's raw tables up to `rebuild_to`.
-    pub(crate) async fn resume(&self, sink: &DeltaSink, rebuild_to: Lsn) -> Result<(), RunError> {
+    /// Rebuilds state from the lake's raw tables up to `rebuild_to`, and the online
+    /// features from its feature tables; the watermark starts at `skip_through` (in
+    /// every table).
+    pub(crate) async fn resume(
+        &self,
+        sink: &DeltaSink,
+        rebuild_to: Lsn,
+        skip_through: Lsn,
+    ) -> Result<(), RunError> {
         let started = Instant::now();
+        self.begin_online(Phase::Rebuilding);
         let rows = rebuild::rebuild_state(&self.engine, sink, &self.schemas, rebuild_to).await?;
         tracing::info!(rows, elapsed_ms = started.elapsed().as_millis() as u64,
             resume_at = %rebuild_to, "state rebuilt from the lake; resuming from the slot");
+        if let Some(online) = &self.online {
+            let started = Instant::now();
+            let entities = rebuild::rebuild_online(&self.engine, sink, online).await?;
+            online.ready(skip_through);
+            tracing::info!(entities, elapsed_ms = started.elapsed().as_millis() as u64,
+                watermark = %skip_through, "online features loaded from the lake");
+        }
         Ok(())
     }
 
     /// Streams changes from the slot through the batcher into the processor until
     /// cancelled, the `--once` fence, or a schema change (returned); each batch is
     /// acknowledged once every table it touches holds it durably.
+    ///
+    /// ```text
+    /// batcher ─ChangeBatch (1)─▶ compute (this task) ─Work (COMPUTED_AHEAD)─▶ committer (task) ─durable LSN─▶ batcher
+    /// ```
     pub(crate) async fn stream(
         &self,
         mut repl: ReplicationClient,
-        sink: &mut DeltaSink,
+        sink: DeltaSink,
         skip_through: Lsn,
         once: bool,
         summary: &mut RunSummary,
@@ -163,40 +203,54 @@ impl<'a> Stages<'a> {
             fence_token,
         };
         tracing::info!(from = %skip_through, "streaming changes");
-        let batcher_cancel = cancel.child_token();
+        // Stops this run's tasks only: the caller's token decides about a restart.
+        let run_cancel = cancel.child_token();
         let (batch_tx, batch_rx) = mpsc::channel::<ChangeBatch>(1);
+        let (work_tx, work_rx) = mpsc::channel::<Work>(COMPUTED_AHEAD);
         let (ack_tx, ack_rx) = watch::channel(skip_through);
-        let schemas = self.schemas.clone();
         let batcher = batch::run(
             stream,
-            schemas,
+            self.schemas.clone(),
             opts,
             batch_tx,
             ack_rx,
-            batcher_cancel.clone(),
+            run_cancel.clone(),
         );
         let batcher = tokio::spawn(batcher);
-        let processor = Processor::new(&self.engine, sink, &self.schemas);
-        let result = self.process(processor, batch_rx, ack_tx, summary).await;
-        if result.is_err() {
-            // Stops this run's batcher only: the caller's token decides about a restart.
-            batcher_cancel.cancel();
+        let committer = tokio::spawn(commit_loop(Committer::new(sink), work_rx, ack_tx));
+        if let Some(online) = &self.online {
+            let conn = self.conn.clone();
+            tokio::spawn(fence::run(conn, online.clone(), run_cancel.clone()));
+        }
+        let compute = Compute::new(&self.engine, &self.schemas, self.online.as_ref());
+        let computed = self.compute_loop(compute, batch_rx, work_tx, summary).await;
+        // The committer finishes what was computed (it ends when `work_tx` is dropped),
+        // or has failed already.
+        let committed = committer
+            .await
+            .map_err(|e| RunError::Task(format!("committer: {e}")));
+        if computed.is_err() || !matches!(committed, Ok(Ok(_))) {
+            run_cancel.cancel();
         }
         let batcher_result = batcher
             .await
-            .map_err(|e| RunError::Task(format!("batcher: {e}")))?;
-        result?;
-        Ok(batcher_result?)
+            .map_err(|e| RunError::Task(format!("batcher: {e}")));
+        run_cancel.cancel();
+        let (batches, last_lsn) = committed??;
+        summary.batches += batches;
+        summary.last_lsn = summary.last_lsn.max(last_lsn);
+        computed?;
+        Ok(batcher_result??)
     }
 
-    /// The processor's loop: each batch made durable, then its LSN handed back for the
-    /// acknowledgement; the slot's health logged meanwhile. Dropping the channels on
-    /// return tells the batcher to finish.
-    async fn process(
+    /// The compute half's loop: each batch applied, computed and served online, then
+    /// handed to the committer; the slot's health checked meanwhile. Returns when the
+    /// batcher is done (or, early, when the committer is gone: its error is the run's).
+    async fn compute_loop(
         &self,
-        mut processor: Processor<'_, DeltaSink>,
+        mut compute: Compute<'_>,
         mut batches: mpsc::Receiver<ChangeBatch>,
-        durable: watch::Sender<Lsn>,
+        works: mpsc::Sender<Work>,
         summary: &mut RunSummary,
     ) -> Result<(), RunError> {
         let mut health = tokio::time::interval(SLOT_HEALTH_EVERY);
@@ -211,24 +265,50 @@ impl<'a> Stages<'a> {
                     continue;
                 }
             };
-            let (kind, rows, txns, first_received) = (
-                batch.kind,
-                batch.rows,
-                batch.transactions,
-                batch.first_received,
-            );
-            summary.changes += rows;
-            if let Some(lsn) = processor.process(batch).await? {
-                crate::fault::crash_point("before_ack");
-                let _ = durable.send(lsn);
-                summary.batches += 1;
-                summary.last_lsn = lsn;
-                tracing::info!(txns, rows, end_lsn = %lsn,
-                    latency_ms = first_received.elapsed().as_secs_f64() * 1000.0, "batch committed");
-            }
-            if kind == BatchKind::End {
+            let started = Instant::now();
+            summary.changes += batch.rows;
+            metrics::counter!(crate::metrics::ROWS).increment(batch.rows as u64);
+            let work = compute.compute(batch).await?;
+            metrics::histogram!(crate::metrics::BATCH_SECONDS, "step" => "compute")
+                .record(started.elapsed().as_secs_f64());
+            let end = matches!(work, Work::End);
+            if works.send(work).await.is_err() || end {
                 return Ok(());
             }
         }
     }
+}
+
+/// The commit half's loop: each work made durable in order, then its LSN handed back
+/// for the acknowledgement. Returns the batches committed and the last LSN; dropping
+/// `durable` on return tells the batcher to finish.
+async fn commit_loop<D: Destination + Send + Sync>(
+    mut committer: Committer<D>,
+    mut works: mpsc::Receiver<Work>,
+    durable: watch::Sender<Lsn>,
+) -> Result<(usize, Lsn), RunError> {
+    let (mut batches, mut last) = (0, Lsn::ZERO);
+    while let Some(work) = works.recv().await {
+        let info: Option<BatchInfo> = match &work {
+            Work::Commit { batch, .. } => Some(*batch),
+            _ => None,
+        };
+        let started = Instant::now();
+        let Some(lsn) = committer.commit(work).await? else {
+            continue;
+        };
+        crate::fault::crash_point("before_ack");
+        let _ = durable.send(lsn);
+        last = lsn;
+        metrics::gauge!(crate::metrics::DURABLE_LSN).set(lsn.as_u64() as f64);
+        let Some(b) = info else { continue };
+        batches += 1;
+        metrics::counter!(crate::metrics::BATCHES).increment(1);
+        metrics::histogram!(crate::metrics::BATCH_ROWS).record(b.rows as f64);
+        metrics::histogram!(crate::metrics::BATCH_SECONDS, "step" => "commit")
+            .record(started.elapsed().as_secs_f64());
+        tracing::info!(txns = b.transactions, rows = b.rows, end_lsn = %lsn,
+            latency_ms = b.first_received.elapsed().as_secs_f64() * 1000.0, "batch committed");
+    }
+    Ok((batches, last))
 }

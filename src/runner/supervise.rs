@@ -5,6 +5,7 @@
 use super::policy::{self, Action};
 use super::{run, RunError, RunOptions, RunSummary};
 use crate::config::Pipeline;
+use crate::serve::Phase;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +25,21 @@ pub async fn run_supervised(
     let mut delay = FIRST_BACKOFF;
     loop {
         let started = Instant::now();
-        let e = match run(pipeline, opts.clone(), cancel.clone()).await {
+        let result = run(pipeline, opts.clone(), cancel.clone()).await;
+        if let Some(online) = &opts.online {
+            online.set_phase(match &result {
+                Ok(_) => Phase::Stopped,
+                Err(e)
+                    if policy::action(e) == Action::Retry
+                        && !opts.once
+                        && !cancel.is_cancelled() =>
+                {
+                    Phase::Restarting(e.to_string())
+                }
+                Err(_) => Phase::Stopped,
+            });
+        }
+        let e = match result {
             Ok(summary) => return Ok(summary),
             Err(e) => e,
         };

@@ -399,6 +399,8 @@ async fn commit_table(
     let version = props.version;
     match result {
         Ok(t) => {
+            metrics::histogram!(crate::metrics::TABLE_COMMIT_SECONDS, "table" => path.to_string())
+                .record(started.elapsed().as_secs_f64());
             tracing::debug!(table = %path, rows, version = ?t.version(),
                 elapsed_ms = started.elapsed().as_millis() as u64, "delta commit");
             (path, Ok(t))

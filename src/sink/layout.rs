@@ -3,6 +3,7 @@
 //! ```text
 //! <root>/raw/<table>/        change log of a source table (Delta)
 //! <root>/features/<name>/    a feature file's output (Delta)
+//! <root>/decisions/<name>/   a decisions file's audit trail (Delta)
 //! <root>/_pipeline/<mark>    the pipeline's own marks (e.g. a resnapshot in progress)
 //! ```
 
@@ -23,6 +24,8 @@ pub enum TableKind {
     Raw,
     /// The output of a feature file (`features/<name>`).
     Features,
+    /// Every decision served by a decisions file (`decisions/<name>`).
+    Decisions,
 }
 
 impl LakeTable {
@@ -48,6 +51,14 @@ impl LakeTable {
         }
     }
 
+    /// The audit trail of the decisions file of this name.
+    pub fn decisions(name: impl AsRef<str>) -> LakeTable {
+        LakeTable {
+            kind: TableKind::Decisions,
+            name: name.as_ref().into(),
+        }
+    }
+
     pub fn kind(&self) -> TableKind {
         self.kind
     }
@@ -62,6 +73,7 @@ impl LakeTable {
         match self.kind {
             TableKind::Raw => format!("raw/{}", self.name),
             TableKind::Features => format!("features/{}", self.name),
+            TableKind::Decisions => format!("decisions/{}", self.name),
         }
     }
 
@@ -122,6 +134,7 @@ mod tests {
             "features/client_features"
         );
         assert!(LakeTable::raw("user").is_raw() && !LakeTable::features("f").is_raw());
+        assert_eq!(LakeTable::decisions("loan").path(), "decisions/loan");
         assert_eq!(
             Mark::ResnapshotInProgress.path(),
             "_pipeline/resnapshot-in-progress"

@@ -86,6 +86,50 @@ pub trait Destination {
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 
+/// A borrowed destination is one too, so that a stage may own either (the unit tests
+/// keep theirs to inspect it afterwards).
+impl<D: Destination + Send + Sync> Destination for &mut D {
+    type Staged = D::Staged;
+
+    fn resume_point(&self) -> &ResumePoint {
+        (**self).resume_point()
+    }
+
+    fn write_snapshot_part(
+        &mut self,
+        writes: Writes,
+        lsn: Lsn,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        (**self).write_snapshot_part(writes, lsn)
+    }
+
+    fn write_snapshot(
+        &mut self,
+        writes: Writes,
+        lsn: Lsn,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        (**self).write_snapshot(writes, lsn)
+    }
+
+    fn stage(
+        &self,
+        staged: &mut Self::Staged,
+        table: &LakeTable,
+        rows: &RecordBatch,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        (**self).stage(staged, table, rows)
+    }
+
+    fn commit(
+        &mut self,
+        writes: Writes,
+        lsn: Lsn,
+        staged: Self::Staged,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        (**self).commit(writes, lsn, staged)
+    }
+}
+
 /// What one table of the lake holds from this pipeline.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TableProgress {

@@ -116,6 +116,12 @@ pub async fn check_slot_health(client: &Client, slot: &str) -> Result<(), Source
         });
     };
     let (retained, lag, safe) = (s.retained_wal_bytes, s.lag_bytes, s.safe_wal_size);
+    if let Some(v) = retained {
+        metrics::gauge!(crate::metrics::SLOT_RETAINED_BYTES).set(v as f64);
+    }
+    if let Some(v) = lag {
+        metrics::gauge!(crate::metrics::SLOT_LAG_BYTES).set(v as f64);
+    }
     match s.wal_status {
         Some(WalStatus::Lost) => {
             return Err(SourceError::SlotInvalidated {
@@ -213,6 +219,23 @@ pub async fn emit_fence(client: &Client) -> Result<String, SourceError> {
         )
         .await?;
     Ok(token)
+}
+
+/// Writes a read-your-writes fence: a transactional logical message, so that its commit
+/// flushes the WAL and wakes the walsender at once (a non-transactional one waits for
+/// the WAL writer). The stream delivers it as a transaction without rows after every
+/// transaction committed before it. Returns the message's position: every LSN a reader
+/// obtained before the call is at or below it.
+pub async fn emit_wait_fence(client: &Client) -> Result<Lsn, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT pg_logical_emit_message(true, $1, 'rw')::text",
+            &[&FENCE_PREFIX],
+        )
+        .await?;
+    let text: &str = row.get(0);
+    text.parse()
+        .map_err(|e| SourceError::Protocol(format!("pg_logical_emit_message returned {e}")))
 }
 
 /// Settings of the replication session that streams `slot` through `publication`.

@@ -11,7 +11,7 @@ mod stream;
 pub mod text;
 
 pub use admin::{
-    check_slot_health, check_wal_level, drop_slot, emit_fence, ensure_publication,
+    check_slot_health, check_wal_level, drop_slot, emit_fence, emit_wait_fence, ensure_publication,
     replication_config, slot_status, SlotStatus, WalStatus,
 };
 pub use catalog::{arrow_type, load_schemas, relation_schema, ColumnInfo, SchemaDiff, TableSchema};

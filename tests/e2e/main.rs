@@ -4,11 +4,13 @@
 // The helpers are `pub` for the test modules; nothing outside this binary can reach them.
 #![allow(unreachable_pub)]
 
+mod decide;
 mod faults;
 mod large_txn;
 mod maintain;
 mod s3;
 mod schema;
+mod serve;
 mod source_faults;
 mod support;
 
@@ -441,6 +443,10 @@ async fn validate_names_the_file_line_and_feature_at_fault() {
             .replace(
                 "../feature_defs",
                 &repo().join("feature_defs").display().to_string(),
+            )
+            .replace(
+                "../decisions",
+                &repo().join("decisions").display().to_string(),
             ),
     )
     .unwrap();

@@ -1,5 +1,5 @@
-//! Reads of the feature tables: an entity's latest features. Today a CLI command
-//! (`pipeline latest`); the online read API will serve the same query from memory.
+//! Reads of the Delta feature tables: an entity's latest features (`pipeline latest`),
+//! and every entity's, to load the online store when a run resumes.
 
 use crate::sink::{Lake, LakeTable, SinkError};
 use arrow::array::RecordBatch;
