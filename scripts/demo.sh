@@ -79,6 +79,29 @@ sleep 0.5
 say "after a late payment today (days_since_last_late_payment = 0, profit rate 0.1)"
 "$BIN" latest "$PIPELINE" "$client"
 
+API=http://${PIPELINE_LISTEN:-127.0.0.1:8080}
+say "the same client online, from memory (GET $API/v1/features/client_features/$client)"
+curl -sf "$API/v1/features/client_features/$client" | python3 -m json.tool
+
+if grep -q "serving decisions" pipeline.log; then
+  say "a new client applies for a loan: committed in the CRM, then decided on features that include it"
+  read -r new_client new_loan <<<"$(psql -X -tA -F' ' "$PG_URL" -c \
+    'SELECT (SELECT max(id) + 1 FROM "user"), (SELECT max(id) + 1 FROM loan)')"
+  lsn=$(psql -X -tA -q "$PG_URL" <<SQL
+BEGIN;
+INSERT INTO "user" (id, created_on, first_name) VALUES ($new_client, CURRENT_DATE, 'Demo');
+INSERT INTO loan (id, client_id, amount, created_on, duration, matured_on, status, updated_on)
+VALUES ($new_loan, $new_client, 1200, CURRENT_DATE, 90, CURRENT_DATE + 90, 'application', CURRENT_DATE);
+COMMIT;
+SELECT pg_current_wal_lsn();
+SQL
+)
+  echo "  committed client $new_client, application $new_loan; pg_current_wal_lsn() = $lsn"
+  echo "  POST $API/v1/decisions {\"client_id\": $new_client, \"loan_id\": $new_loan, \"min_lsn\": \"$lsn\"}"
+  curl -sf -X POST "$API/v1/decisions" -H 'content-type: application/json' \
+    -d "{\"client_id\": $new_client, \"loan_id\": $new_loan, \"min_lsn\": \"$lsn\"}" | python3 -m json.tool
+fi
+
 say "stopping (SIGINT: flush, commit, acknowledge)"
 kill -INT $pid; wait $pid || true
 trap - EXIT
