@@ -243,13 +243,16 @@ impl Batcher {
     }
 
     fn ready(&self, now: Instant) -> bool {
-        self.pending.txns > 0
-            && (self.stop.is_some()
-                || self.pending.rows >= self.opts.max_rows
-                || self
-                    .pending
-                    .first_received
-                    .is_some_and(|t| now.saturating_duration_since(t) >= self.opts.interval))
+        // A fence's progress goes at once: a reader waits on it, and reading the next
+        // transaction first could hold it behind that transaction's pieces.
+        (self.pending.progress && self.pending.txns == 0)
+            || (self.pending.txns > 0
+                && (self.stop.is_some()
+                    || self.pending.rows >= self.opts.max_rows
+                    || self
+                        .pending
+                        .first_received
+                        .is_some_and(|t| now.saturating_duration_since(t) >= self.opts.interval)))
     }
 
     /// The open transaction's staged changes fill a piece: hand them on first.
@@ -354,7 +357,9 @@ impl Batcher {
         p.txns = 0;
         p.rows = 0;
         p.first_received = None;
-        p.progress = false;
+        if !matches!(batch.kind, BatchKind::Piece) {
+            p.progress = false;
+        }
         batch
     }
 }
@@ -535,6 +540,10 @@ mod tests {
         h.feed(SourceEvent::Fence { token: "rw".into() });
         assert!(!h.b.has_batch(), "not before its commit");
         h.commit(100, 108, 1);
+        assert!(
+            !h.wants_events(),
+            "handed on before the next transaction is read, so none can hold it back"
+        );
         let b = h.next().unwrap();
         assert_eq!(
             (b.kind, b.rows, b.transactions, b.end_lsn),

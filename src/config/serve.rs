@@ -63,7 +63,10 @@ impl std::fmt::Debug for ServeConfig {
 impl ServeConfig {
     /// The listen address, checked by [`ServeConfig::validate`].
     pub fn addr(&self) -> SocketAddr {
-        self.listen.parse().expect("validated listen address")
+        self.listen
+            .trim()
+            .parse()
+            .expect("validated listen address")
     }
 
     /// The wait a request gets for `timeout_ms` (none given: the default), capped.

@@ -6,7 +6,7 @@
 
 use crate::changelog::Lsn;
 use crate::config::MaintenanceConfig;
-use crate::sink::{DeltaSink, Lake, LakeTable, Maintainer, SinkError, TableSpec};
+use crate::sink::{DeltaSink, Destination, Lake, LakeTable, Maintainer, SinkError, TableSpec};
 use arrow::array::{
     ArrayRef, Float64Array, ListBuilder, RecordBatch, StringArray, StringBuilder,
     TimestampMicrosecondArray,
@@ -21,7 +21,12 @@ const FLUSH_EVERY: Duration = Duration::from_millis(500);
 const MAX_ROWS: usize = 10_000;
 /// Records queued at most; beyond it a record is dropped (counted, logged) rather than
 /// holding a request.
-const QUEUE: usize = 100_000;
+const QUEUE: usize = 20_000;
+/// Records held while the lake refuses commits; beyond this, new ones are dropped
+/// (counted) rather than growing memory without bound.
+const MAX_PENDING: usize = 5 * MAX_ROWS;
+/// Wait after a failed commit before the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// One decision as the audit trail keeps it.
 #[derive(Debug, Clone)]
@@ -123,21 +128,32 @@ async fn write_loop(
 ) {
     let mut pending: Vec<AuditRecord> = Vec::new();
     let mut tick = tokio::time::interval(FLUSH_EVERY);
-    // A commit's version only has to grow: the time of the commit, in micros.
-    let mut version = 0i64;
+    // A commit's version only has to grow: the time of the commit, in micros, and
+    // never below what the table holds (the clock may have stepped back since).
+    let mut version = sink.resume_point().committed(&table).as_u64() as i64;
+    let mut retry_at = tokio::time::Instant::now();
     loop {
         let stopping = tokio::select! {
             r = rx.recv() => match r {
                 Some(r) => {
+                    if pending.len() >= MAX_PENDING {
+                        metrics::counter!("pipeline_decisions_audit_dropped_total").increment(1);
+                        continue;
+                    }
                     pending.push(r);
-                    if pending.len() < MAX_ROWS {
+                    if pending.len() < MAX_ROWS || tokio::time::Instant::now() < retry_at {
                         continue;
                     }
                     false
                 }
                 None => true,
             },
-            _ = tick.tick() => false,
+            _ = tick.tick() => {
+                if tokio::time::Instant::now() < retry_at {
+                    continue;
+                }
+                false
+            }
             _ = stop.cancelled() => true,
         };
         if stopping {
@@ -161,6 +177,7 @@ async fn write_loop(
                 Err(e) => {
                     tracing::warn!(error = %e, rows = n, %table, "could not write the decision audit; retrying");
                     pending = rows;
+                    retry_at = tokio::time::Instant::now() + RETRY_AFTER;
                 }
             }
         }

@@ -83,6 +83,8 @@ pub struct Decisions {
     rules: rules::Rules,
     /// Features, then `application_<column>`s, then `score`.
     inputs: SchemaRef,
+    /// How many of `inputs` are features.
+    features: usize,
 }
 
 impl Decisions {
@@ -139,11 +141,26 @@ impl Decisions {
                         a.key, schema.name
                     )));
                 }
-                column(&a.entity_column, "application.entity_column")?;
+                let owner = column(&a.entity_column, "application.entity_column")?;
+                if !crate::state::is_key_type(owner.data_type()) {
+                    return Err(inputs_err(format!(
+                        "application.entity_column: `{}` of {} is {}, not a key type",
+                        a.entity_column,
+                        schema.name,
+                        owner.data_type()
+                    )));
+                }
                 let mut columns = Vec::new();
                 for (i, c) in a.columns.iter().enumerate() {
                     let f = column(c, &format!("application.columns[{i}]"))?;
                     let input = Field::new(format!("application_{c}"), f.data_type().clone(), true);
+                    if fields.iter().any(|x| x.name() == input.name()) {
+                        return Err(inputs_err(format!(
+                            "application.columns[{i}]: `{}` is also a feature of {}",
+                            input.name(),
+                            def.features
+                        )));
+                    }
                     fields.push(input.clone());
                     columns.push((c.clone(), input));
                 }
@@ -197,6 +214,7 @@ impl Decisions {
             name: def.name.clone(),
             file: def.features.clone(),
             entity_field: ff.entity.key.clone(),
+            features: ff.features.len(),
             application,
             model,
             model_columns,
@@ -250,7 +268,17 @@ async fn decide(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let d = &s.decisions;
-    let body = body.map_err(|e| ApiError::new(e.status(), "bad_body", e.body_text()))?;
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the request body is larger than serve.max_body_bytes ({})",
+                s.api.config().max_body_bytes
+            ),
+        ),
+        _ => ApiError::bad_request("bad_body", e.body_text()),
+    })?;
     let req: Map<String, Value> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("bad_body", format!("request body: {e}")))?;
     let mut known = vec![d.entity_field.as_str(), "min_lsn", "timeout_ms"];
@@ -269,13 +297,7 @@ async fn decide(
     };
     let entity = s
         .api
-        .parse_keys(&d.file, std::slice::from_ref(field(&d.entity_field)?))
-        .map_err(|_| {
-            ApiError::bad_request(
-                "bad_key",
-                format!("`{}` is not a key of {}", d.entity_field, d.file),
-            )
-        })?
+        .parse_keys(&d.file, std::slice::from_ref(field(&d.entity_field)?))?
         .remove(0);
     let app_key = match &d.application {
         None => None,
@@ -294,7 +316,17 @@ async fn decide(
     };
     let wait = Wait {
         min_lsn: req.get("min_lsn").map(parse_lsn).transpose()?,
-        timeout_ms: req.get("timeout_ms").and_then(Value::as_u64),
+        timeout_ms: req
+            .get("timeout_ms")
+            .map(|v| {
+                v.as_u64().ok_or_else(|| {
+                    ApiError::bad_request(
+                        "bad_body",
+                        format!("timeout_ms {v} is not a non-negative integer"),
+                    )
+                })
+            })
+            .transpose()?,
     };
 
     // Wait for the caller's write, then read.
@@ -313,7 +345,7 @@ async fn decide(
             format!("{} has no entity {}", d.file, key_json(&entity)),
         ));
     };
-    let mut columns = feature_columns(&d.inputs, &row);
+    let mut columns = feature_columns(&d.inputs, d.features, &row);
     if let (Some(a), Some(key)) = (&d.application, &app_key) {
         columns.extend(application_columns(&s.api, a, key, &entity)?);
     }
@@ -391,11 +423,9 @@ fn internal(e: impl ToString) -> ApiError {
 }
 
 /// The served features as one-row arrays of the input schema's feature fields.
-fn feature_columns(inputs: &SchemaRef, row: &OnlineRow) -> Vec<ArrayRef> {
-    inputs
-        .fields()
+fn feature_columns(inputs: &SchemaRef, features: usize, row: &OnlineRow) -> Vec<ArrayRef> {
+    inputs.fields()[..features]
         .iter()
-        .take_while(|f| !f.name().starts_with("application_") && f.name() != "score")
         .map(|f| {
             json_cell(
                 f.data_type(),
@@ -428,6 +458,7 @@ fn application_columns(
         )
     };
     let slot = table.slot_of(key).ok_or_else(not_found)?;
+    let table_name = table.name().to_string();
     let row = table
         .scan(Some(&[slot]))
         .map_err(|e| internal(e.to_string()))?;
@@ -449,10 +480,22 @@ fn application_columns(
             ),
         ));
     }
-    Ok(a.columns
+    // The source schema may have changed since the decisions were compiled.
+    a.columns
         .iter()
-        .map(|(c, _)| row.column_by_name(c).expect("checked at compile").clone())
-        .collect())
+        .map(|(c, _)| {
+            row.column_by_name(c).cloned().ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_ready",
+                    format!(
+                        "{} has no column `{c}` any more: restart to recompile the decisions",
+                        table_name
+                    ),
+                )
+            })
+        })
+        .collect()
 }
 
 /// A one-row array of `ty` holding the served JSON value.

@@ -48,6 +48,9 @@ pub(super) async fn run(conn: ConnInfo, online: Online, cancel: CancellationToke
             Err(e) => {
                 tracing::warn!(error = %e, %wanted, "could not write a read-your-writes fence; retrying");
                 client = None;
+                // The readers waiting for it have already asked: look again before
+                // waiting for a new one, or they would be stranded.
+                fenced = None;
                 tokio::select! {
                     _ = tokio::time::sleep(RETRY_AFTER) => {}
                     _ = cancel.cancelled() => return,

@@ -248,12 +248,15 @@ impl Online {
         file: &str,
         keys: &[Key],
     ) -> Result<(Lsn, Vec<Option<OnlineRow>>), ReadError> {
+        let f = self.file(file)?;
+        // The table lock first: a run that begins again swaps the tables under it after
+        // setting its phase, so a reader holding it sees either the ready table with its
+        // watermark or the phase that says not ready.
+        let table = f.table.read().unwrap();
         if let Some(reason) = self.phase().reason() {
             return Err(ReadError::NotReady(reason));
         }
-        let f = self.file(file)?;
         let watermark = self.watermark();
-        let table = f.table.read().unwrap();
         let table = table
             .as_ref()
             .ok_or_else(|| ReadError::NotReady("the feature file has no output yet".into()))?;

@@ -88,7 +88,9 @@ impl OnlineTable {
     }
 
     /// Applies freshly computed feature rows: each row replaces its entity's, a
-    /// tombstone removes it.
+    /// tombstone removes it. A row older than the entity's (a replay after a crash
+    /// between a batch's table commits recomputes transactions the lake's feature table
+    /// already holds) is ignored, so a served value never goes back.
     pub(crate) fn apply(&mut self, rows: &RecordBatch) {
         self.merge(rows, false);
     }
@@ -126,7 +128,7 @@ impl OnlineTable {
             let row_lsn = Lsn::from_i64(lsn.value(i));
             let gone = deleted.value(i);
             let slot = match self.slots.get(&key) {
-                Some(&s) if newest_wins && self.lsn[s as usize] > row_lsn => continue,
+                Some(&s) if self.lsn[s as usize] > row_lsn => continue,
                 Some(&s) => s,
                 None if gone && !newest_wins => continue,
                 None => {
@@ -318,6 +320,9 @@ mod tests {
         t.apply(&rows(&[(3, None, 30, false)]));
         assert_eq!(n_of(&t, 3), Some(Value::Null));
         assert_eq!(t.lsn.len(), 2);
+        // A replayed, older computation does not take a served value back.
+        t.apply(&rows(&[(1, Some(3), 15, false)]));
+        assert_eq!(n_of(&t, 1), Some(4.into()));
     }
 
     #[test]
