@@ -107,6 +107,10 @@ impl ServeConfig {
                 return Err(Invalid::at(at, "must be positive"));
             }
         }
+        // Connections idle for 2 minutes are closed; a wait must end well before.
+        if self.max_wait_ms > 60_000 {
+            return Err(Invalid::at("max_wait_ms", "must not exceed 60000"));
+        }
         if self.default_wait_ms > self.max_wait_ms {
             return Err(Invalid::at(
                 "default_wait_ms",

@@ -536,15 +536,23 @@ pub async fn serve(
 }
 
 /// A listener that holds at most `max` connections open (further ones wait in the
-/// accept queue) and turns Nagle off on each, so small answers leave at once.
+/// accept queue), turns Nagle off on each, so small answers leave at once, and closes a
+/// connection that neither reads nor writes for [`IDLE`](limit::IDLE), so idle or
+/// stalled clients cannot hold every connection.
 mod limit {
+    use std::future::Future;
     use std::io;
     use std::pin::Pin;
     use std::sync::Arc;
     use std::task::{Context, Poll};
+    use std::time::Duration;
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+    use tokio::time::{Instant, Sleep};
+
+    /// Longer than any wait a request may ask for (`serve.max_wait_ms` ≤ 60 s).
+    pub(super) const IDLE: Duration = Duration::from_secs(120);
 
     pub(super) struct Limited {
         inner: TcpListener,
@@ -563,6 +571,28 @@ mod limit {
     pub(super) struct Conn {
         stream: TcpStream,
         _permit: OwnedSemaphorePermit,
+        idle: Pin<Box<Sleep>>,
+    }
+
+    impl Conn {
+        /// Pushes the idle deadline on after progress.
+        fn touch<T>(&mut self, r: Poll<T>) -> Poll<T> {
+            if r.is_ready() {
+                self.idle.as_mut().reset(Instant::now() + IDLE);
+            }
+            r
+        }
+
+        /// Pending, unless the connection has been idle too long.
+        fn pending<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+            match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection idle too long",
+                ))),
+                Poll::Pending => Poll::Pending,
+            }
+        }
     }
 
     impl axum::serve::Listener for Limited {
@@ -584,6 +614,7 @@ mod limit {
                             Conn {
                                 stream,
                                 _permit: permit,
+                                idle: Box::pin(tokio::time::sleep(IDLE)),
                             },
                             addr,
                         );
@@ -591,7 +622,7 @@ mod limit {
                     // Out of file descriptors and the like: wait instead of spinning.
                     Err(e) => {
                         tracing::warn!(error = %e, "accepting a connection failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
             }
@@ -608,7 +639,11 @@ mod limit {
             cx: &mut Context<'_>,
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.stream).poll_read(cx, buf)
+            let this = &mut *self;
+            match Pin::new(&mut this.stream).poll_read(cx, buf) {
+                Poll::Pending => this.pending(cx),
+                r => this.touch(r),
+            }
         }
     }
 
@@ -618,7 +653,11 @@ mod limit {
             cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
-            Pin::new(&mut self.stream).poll_write(cx, buf)
+            let this = &mut *self;
+            match Pin::new(&mut this.stream).poll_write(cx, buf) {
+                Poll::Pending => this.pending(cx),
+                r => this.touch(r),
+            }
         }
 
         fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -634,7 +673,11 @@ mod limit {
             cx: &mut Context<'_>,
             bufs: &[io::IoSlice<'_>],
         ) -> Poll<io::Result<usize>> {
-            Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+            let this = &mut *self;
+            match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
+                Poll::Pending => this.pending(cx),
+                r => this.touch(r),
+            }
         }
 
         fn is_write_vectored(&self) -> bool {
