@@ -268,19 +268,7 @@ async fn decide(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let d = &s.decisions;
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!(
-                "the request body is larger than serve.max_body_bytes ({})",
-                s.api.config().max_body_bytes
-            ),
-        ),
-        _ => ApiError::bad_request("bad_body", e.body_text()),
-    })?;
-    let req: Map<String, Value> = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("bad_body", format!("request body: {e}")))?;
+    let req: Map<String, Value> = s.api.json_body(body)?;
     let mut known = vec![d.entity_field.as_str(), "min_lsn", "timeout_ms"];
     if let Some(a) = &d.application {
         known.push(&a.field);

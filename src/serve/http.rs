@@ -72,6 +72,27 @@ impl Api {
         &self.inner.config
     }
 
+    /// A request's JSON body as `T`: 413 `body_too_large` beyond `serve.max_body_bytes`,
+    /// 400 `bad_body` when it cannot be read or parsed.
+    pub fn json_body<T: serde::de::DeserializeOwned>(
+        &self,
+        body: Result<Bytes, BytesRejection>,
+    ) -> Result<T, ApiError> {
+        let body = body.map_err(|e| match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "the request body is larger than serve.max_body_bytes ({})",
+                    self.config().max_body_bytes
+                ),
+            ),
+            _ => ApiError::bad_request("bad_body", e.body_text()),
+        })?;
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request("bad_body", format!("request body: {e}")))
+    }
+
     /// The API's routes with auth, load shedding and request metrics.
     pub fn router(&self) -> Router {
         self.router_with(Router::new())
@@ -342,19 +363,7 @@ async fn post_many(
     query: Result<Query<WaitQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!(
-                "the request body is larger than serve.max_body_bytes ({})",
-                api.config().max_body_bytes
-            ),
-        ),
-        _ => ApiError::bad_request("bad_body", e.body_text()),
-    })?;
-    let req: ManyRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("bad_body", format!("request body: {e}")))?;
+    let req: ManyRequest = api.json_body(body)?;
     let max = api.config().max_keys;
     if req.keys.len() > max {
         return Err(ApiError::new(
