@@ -17,20 +17,15 @@
 //! default 1,000,000), BENCH_COMMITS (default 10,000), BENCH_LARGE_TXN_ROWS (default
 //! 1,000,000), BENCH_COMPACT_EVERY (section 5's compaction interval); 0 skips a section.
 
+mod common;
+
+use common::{bin, knob, percentile, pg_base, psql};
 use pipeline::config::{LakeConfig, PipelineConfig, SourceConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const AS_OF: &str = "2020-08-23";
-
-fn pg_base() -> String {
-    std::env::var("BENCH_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pipeline")
-}
 
 fn write_pipeline(dir: &Path, url: &str, as_of: &str) -> PathBuf {
     let lake = LakeConfig::new(dir.join("lake").display().to_string());
@@ -46,19 +41,6 @@ fn write_pipeline_with_lake(dir: &Path, url: &str, as_of: &str, lake: LakeConfig
     let file = dir.join("pipeline.yaml");
     config.save(&file).unwrap();
     file
-}
-
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args(["-X", "-tA", url, "-c", sql])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn drop_slot(url: &str) {
@@ -86,19 +68,6 @@ fn run_measured(cmd: &mut Command) -> (Duration, f64) {
         "pipeline failed"
     );
     (wall, usage.ru_maxrss as f64 / 1024.0)
-}
-
-/// A numeric setting from the environment, or `default`.
-fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
 }
 
 fn main() {

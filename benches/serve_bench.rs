@@ -15,6 +15,9 @@
 //! Run: `cargo bench --bench serve_bench` (needs ../shared/dumps, or BENCH_DUMP; the
 //! decisions need models/loan_default.onnx). A knob set to 0 skips its section.
 
+mod common;
+
+use common::{bin, knob, percentile, pg_base};
 use pipeline::config::{LakeConfig, PipelineConfig, SourceConfig};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -23,38 +26,16 @@ use std::time::{Duration, Instant};
 
 const DB: &str = "bench_serve";
 
-fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pipeline")
-}
-
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn pg_url() -> String {
-    let base = std::env::var("BENCH_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    format!("{base}/{DB}")
+    format!("{}/{DB}", pg_base())
 }
 
 fn psql(sql: &str) -> String {
-    let out = Command::new("psql")
-        .args(["-X", "-tA", &pg_url(), "-c", sql])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    common::psql(&pg_url(), sql)
 }
 
 fn pipeline_file(dir: &Path, port: u16, serve: bool) -> PathBuf {
@@ -126,13 +107,6 @@ fn fresh_lake(dir: &Path) {
     psql("SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE slot_name = 'bench_serve_slot'");
 }
 
-fn pct(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
-}
-
 /// `label: n, p50, p90, p99, max` in ms, then per minute when the run is longer.
 fn report(label: &str, samples: &[(f64, f64)]) {
     let mut all: Vec<f64> = samples.iter().map(|s| s.1).collect();
@@ -140,9 +114,9 @@ fn report(label: &str, samples: &[(f64, f64)]) {
     println!(
         "{label}: n={} p50 {:.2} ms, p90 {:.2}, p99 {:.2}, max {:.2}",
         all.len(),
-        pct(&all, 0.5),
-        pct(&all, 0.9),
-        pct(&all, 0.99),
+        percentile(&all, 0.5),
+        percentile(&all, 0.9),
+        percentile(&all, 0.99),
         all.last().copied().unwrap_or(f64::NAN)
     );
     let minutes = samples
@@ -163,8 +137,8 @@ fn report(label: &str, samples: &[(f64, f64)]) {
                 "  minute {}: n={} p50 {:.2} ms, p99 {:.2}, max {:.2}",
                 m + 1,
                 xs.len(),
-                pct(&xs, 0.5),
-                pct(&xs, 0.99),
+                percentile(&xs, 0.5),
+                percentile(&xs, 0.99),
                 xs.last().copied().unwrap_or(f64::NAN)
             );
         }
@@ -310,8 +284,8 @@ fn main() {
     println!(
         "pipeline's own batch latency (first change received → Delta durable): n={} p50 {:.1} ms, p99 {:.1}, max {:.1}",
         sorted.len(),
-        pct(&sorted, 0.5),
-        pct(&sorted, 0.99),
+        percentile(&sorted, 0.5),
+        percentile(&sorted, 0.99),
         sorted.last().copied().unwrap_or(f64::NAN)
     );
     stop(child);
