@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::{bin, knob, percentile, pg_base, psql};
+use common::{bin, knob, percentile, pg_base, psql, S3Server};
 use pipeline::config::{LakeConfig, PipelineConfig, SourceConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -125,41 +125,17 @@ fn main() {
     let local = change_to_visible(&url, &file, dir.path(), &delta_log, changes);
     report_latency("local", &local);
     drop_slot(&url);
-    match s3s_fs() {
-        Some(s3s) => {
-            let s3_dir = tempfile::tempdir().unwrap();
-            let data = s3_dir.path().join("s3data");
-            std::fs::create_dir_all(data.join("lake")).unwrap();
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut server = Command::new(s3s)
-                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--access-key", "bench", "--secret-key", "bench-secret"])
-                .arg(&data)
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut lake = LakeConfig::new("s3://lake/bench");
-            lake.storage_options = [
-                ("aws_endpoint", format!("http://127.0.0.1:{port}")),
-                ("aws_allow_http", "true".into()),
-                ("aws_region", "us-east-1".into()),
-                ("aws_access_key_id", "bench".into()),
-                ("aws_secret_access_key", "bench-secret".into()),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-            let s3_file = write_pipeline_with_lake(s3_dir.path(), &url, "", lake);
+    let s3_dir = tempfile::tempdir().unwrap();
+    match S3Server::start(s3_dir.path()) {
+        Some(server) => {
+            let s3_file = write_pipeline_with_lake(s3_dir.path(), &url, "", server.lake("bench"));
             // s3s-fs keeps each object as a file: a commit is visible once its file exists.
-            let s3_log = data.join("lake/bench/features/client_features/_delta_log");
+            let s3_log = server
+                .data
+                .join("lake/bench/features/client_features/_delta_log");
             let s3 = change_to_visible(&url, &s3_file, s3_dir.path(), &s3_log, changes);
             report_latency("s3", &s3);
-            let _ = server.kill();
-            let _ = server.wait();
+            drop(server);
             drop_slot(&url);
         }
         None => println!(
@@ -445,16 +421,6 @@ struct Latency {
     /// Per-table Delta commit time as the pipeline logs it (ms).
     commit_ms: Vec<f64>,
     first_start: Duration,
-}
-
-fn s3s_fs() -> Option<PathBuf> {
-    let home = std::env::var("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
-    let p = std::env::var("S3S_FS_BIN")
-        .map(PathBuf::from)
-        .unwrap_or(home.join("bin/s3s-fs"));
-    p.exists().then_some(p)
 }
 
 /// Streams `file`'s pipeline and updates one loan every ~50 ms, `changes` times, timing

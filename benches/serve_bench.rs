@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::{bin, knob, percentile, pg_base};
+use common::{bin, free_port, knob, percentile, pg_base};
 use pipeline::config::{LakeConfig, PipelineConfig, SourceConfig};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -52,14 +52,6 @@ fn pipeline_file(dir: &Path, port: u16, serve: bool) -> PathBuf {
     let file = dir.join("pipeline.yaml");
     config.save(&file).unwrap();
     file
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts `pipeline run` and waits until it streams; returns it and its log path.

@@ -3,9 +3,10 @@
 
 use std::process::Command;
 
-/// The `pipeline` binary Cargo built for this bench.
-pub(crate) fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pipeline")
+/// The `pipeline` binary Cargo built for this bench, or BENCH_PIPELINE_BIN (e.g. a copy
+/// built from the previous commit, to compare two builds with the same bench).
+pub(crate) fn bin() -> String {
+    std::env::var("BENCH_PIPELINE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pipeline").into())
 }
 
 /// The Postgres server the benches use, without a database.
@@ -41,4 +42,73 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
         return f64::NAN;
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// An S3-API server (s3s-fs) on loopback, for an S3 lake; stopped on drop.
+pub(crate) struct S3Server {
+    child: std::process::Child,
+    port: u16,
+    /// The directory s3s-fs keeps objects in, one file per object (`<bucket>/<key>`).
+    pub(crate) data: std::path::PathBuf,
+}
+
+impl S3Server {
+    /// Starts s3s-fs over `dir/s3data` with a bucket `lake`; None when s3s-fs is not
+    /// installed (`bash scripts/setup-s3.sh`).
+    pub(crate) fn start(dir: &std::path::Path) -> Option<S3Server> {
+        let home = std::env::var("CARGO_HOME")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| {
+                std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo")
+            });
+        let bin = std::env::var("S3S_FS_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or(home.join("bin/s3s-fs"));
+        if !bin.exists() {
+            return None;
+        }
+        let data = dir.join("s3data");
+        std::fs::create_dir_all(data.join("lake")).unwrap();
+        let port = free_port();
+        let child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", "bench", "--secret-key", "bench-secret"])
+            .arg(&data)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Some(S3Server { child, port, data })
+    }
+
+    /// A lake at `s3://lake/<prefix>` on this server.
+    pub(crate) fn lake(&self, prefix: &str) -> pipeline::config::LakeConfig {
+        let mut lake = pipeline::config::LakeConfig::new(format!("s3://lake/{prefix}"));
+        lake.storage_options = [
+            ("aws_endpoint", format!("http://127.0.0.1:{}", self.port)),
+            ("aws_allow_http", "true".into()),
+            ("aws_region", "us-east-1".into()),
+            ("aws_access_key_id", "bench".into()),
+            ("aws_secret_access_key", "bench-secret".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        lake
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP port free on loopback now.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -1,0 +1,614 @@
+//! Sustained-load benchmark: commit → visible in the Delta feature table over minutes, so
+//! that what happens periodically (checkpoints, compaction, vacuum, log cleanup, log
+//! growth) is inside the measurement.
+//!
+//! Each run (BENCH_SUSTAINED_RUNS, default `local:0,local:1000,s3:0`: lake `local` or `s3`
+//! (s3s-fs on loopback) and background CRM transactions per second) starts `pipeline run`
+//! on the full dump with a fresh lake and slot, runs `pipeline loadgen --rate R` beside it
+//! (new clients and applications, payments, loan status changes on existing rows, on its
+//! own connections), and a probe that every BENCH_PROBE_MS (100) commits a new client with
+//! one paid loan. The probe watches `features/client_features/_delta_log`: a probe is
+//! visible when a commit file adds a row for its client (clients are probed in increasing
+//! id order, above every other id, so the first commit whose `maxValues.client_id`
+//! reaches the id carries it). Each run lasts BENCH_MINUTES (10).
+//!
+//! Reported per run: commit → visible p50/p90/p99/max overall and per minute; the
+//! pipeline's batches per minute (size, first change received → durable, the stage
+//! times its `batch committed` lines carry); maintenance durations. Written: one CSV of
+//! per-probe latencies per run and a PNG plot of latency over time (matplotlib, in a venv
+//! the bench creates under ~/.cache), under BENCH_OUT (default target/tmp/sustained).
+//!
+//! Run: `cargo bench --bench sustained_bench` (needs ../shared/dumps, or BENCH_DUMP).
+
+mod common;
+
+use common::{bin, free_port, knob, percentile, pg_base, S3Server};
+use pipeline::config::{LakeConfig, PipelineConfig, SourceConfig};
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const DB: &str = "bench_sustained";
+const SLOT: &str = "bench_sustained_slot";
+/// Probe ids start here (above the dump's and loadgen's ids; user.id is an int4).
+const PROBE_IDS: i64 = 1_600_000_000;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn pg_url() -> String {
+    format!("{}/{DB}", pg_base())
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum LakeKind {
+    Local,
+    S3,
+}
+
+struct RunSpec {
+    lake: LakeKind,
+    rate: f64,
+}
+
+impl RunSpec {
+    fn name(&self) -> String {
+        let lake = match self.lake {
+            LakeKind::Local => "local",
+            LakeKind::S3 => "s3",
+        };
+        format!("{lake}-{}tps", self.rate)
+    }
+}
+
+fn run_specs() -> Vec<RunSpec> {
+    let spec = std::env::var("BENCH_SUSTAINED_RUNS").unwrap_or("local:0,local:1000,s3:0".into());
+    spec.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let (lake, rate) = s.trim().split_once(':').expect("lake:rate");
+            RunSpec {
+                lake: match lake {
+                    "local" => LakeKind::Local,
+                    "s3" => LakeKind::S3,
+                    other => panic!("BENCH_SUSTAINED_RUNS: unknown lake `{other}` (local, s3)"),
+                },
+                rate: rate.parse().expect("rate: transactions per second"),
+            }
+        })
+        .collect()
+}
+
+fn main() {
+    let dump = std::env::var("BENCH_DUMP")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo().join("../shared/dumps/de_test_task_db"));
+    let minutes: f64 = knob("BENCH_MINUTES", 10.0);
+    let probe_every = Duration::from_millis(knob("BENCH_PROBE_MS", 100));
+    let out = std::env::var("BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sustained"));
+    std::fs::create_dir_all(&out).unwrap();
+
+    eprintln!("restoring {} into {DB} …", dump.display());
+    let st = Command::new(bin())
+        .args(["db", "restore", "--clean"])
+        .arg(&dump)
+        .env("PG_URL", pg_url())
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(st.success(), "restoring {}", dump.display());
+
+    let mut csvs = Vec::new();
+    for (i, spec) in run_specs().into_iter().enumerate() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s3 = match spec.lake {
+            LakeKind::Local => None,
+            LakeKind::S3 => match S3Server::start(tmp.path()) {
+                Some(s) => Some(s),
+                None => {
+                    println!(
+                        "{}: skipped (s3s-fs not installed: bash scripts/setup-s3.sh)",
+                        spec.name()
+                    );
+                    continue;
+                }
+            },
+        };
+        let (lake, delta_log) = match &s3 {
+            None => (
+                LakeConfig::new(tmp.path().join("lake").display().to_string()),
+                tmp.path().join("lake/features/client_features/_delta_log"),
+            ),
+            // s3s-fs keeps each object as a file: a commit is visible once its file exists.
+            Some(s) => (
+                s.lake("sustained"),
+                s.data
+                    .join("lake/sustained/features/client_features/_delta_log"),
+            ),
+        };
+        let first_id = PROBE_IDS + i as i64 * 20_000_000;
+        let csv = out.join(format!("{}.csv", spec.name()));
+        run(
+            &spec,
+            tmp.path(),
+            lake,
+            &delta_log,
+            minutes,
+            probe_every,
+            first_id,
+            &csv,
+        );
+        csvs.push(csv);
+    }
+    plot(&out, &csvs);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    spec: &RunSpec,
+    dir: &Path,
+    lake: LakeConfig,
+    delta_log: &Path,
+    minutes: f64,
+    probe_every: Duration,
+    first_id: i64,
+    csv: &Path,
+) {
+    common::psql(
+        &pg_url(),
+        &format!("SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE slot_name = '{SLOT}'"),
+    );
+    let port = free_port();
+    let file = pipeline_file(dir, lake, port);
+    let log = dir.join("pipeline.log");
+    let child = start(&file, &log);
+    println!(
+        "== {}: {minutes} min, a probe every {} ms, background {} tx/s",
+        spec.name(),
+        probe_every.as_millis(),
+        spec.rate
+    );
+    let secs = minutes * 60.0;
+    let load = (spec.rate > 0.0).then(|| {
+        let l = loadgen(&file, spec.rate, secs + 15.0);
+        std::thread::sleep(Duration::from_secs(3));
+        l
+    });
+    let started = Instant::now();
+    let probes = probe(delta_log, secs, probe_every, first_id);
+    let metrics = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    });
+    if let Some(l) = load {
+        print_loadgen(l);
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut child = child;
+    let _ = child.wait();
+
+    let mut f = std::io::BufWriter::new(std::fs::File::create(csv).unwrap());
+    writeln!(f, "run,t_s,client_id,visible_ms").unwrap();
+    for p in &probes.samples {
+        writeln!(f, "{},{:.3},{},{:.3}", spec.name(), p.0, p.1, p.2).unwrap();
+    }
+    drop(f);
+    let samples: Vec<(f64, f64)> = probes.samples.iter().map(|p| (p.0, p.2)).collect();
+    report("commit → visible in features/client_features", &samples);
+    println!(
+        "  probes: {} committed, {} visible, {} never seen within 30 s",
+        probes.committed,
+        probes.samples.len(),
+        probes.lost
+    );
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    report_lines(
+        &log_text,
+        "batch committed",
+        started,
+        "pipeline batches (latency = first change received → durable = compute + queue + commit)",
+    );
+    report_lines(
+        &log_text,
+        "delta commit",
+        started,
+        "table appends (elapsed = encode + upload + log + snapshot)",
+    );
+    report_maintenance(&log_text);
+    report_metrics(&metrics);
+    println!("  csv: {}", csv.display());
+}
+
+fn pipeline_file(dir: &Path, lake: LakeConfig, port: u16) -> PathBuf {
+    let features = repo().join("feature_defs/client_features.yaml");
+    let mut source = SourceConfig::new(
+        pg_url(),
+        "bench_sustained_pub",
+        &["user", "loan", "payment"],
+    );
+    source.slot = Some(SLOT.into());
+    let mut config = PipelineConfig::new("bench_sustained", source, lake, vec![features]);
+    // As the product runs: the online API on (its /metrics gives the stage histograms).
+    config.serve.enabled = true;
+    config.serve.listen = format!("127.0.0.1:{port}");
+    let file = dir.join("pipeline.yaml");
+    config.save(&file).unwrap();
+    file
+}
+
+/// Starts `pipeline run` logging to `log` and waits until it streams.
+fn start(file: &Path, log: &Path) -> Child {
+    let child = Command::new(bin())
+        .arg("run")
+        .arg(file)
+        .env("RUST_LOG", "warn,pipeline=info,pipeline::sink=debug")
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("streaming changes")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "pipeline did not start streaming: {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+fn loadgen(file: &Path, rate: f64, secs: f64) -> Child {
+    Command::new(bin())
+        .arg("loadgen")
+        .arg(file)
+        .args([
+            "--rate",
+            &rate.to_string(),
+            "--duration",
+            &format!("{secs}s"),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn print_loadgen(child: Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("  loadgen: {l}");
+    }
+}
+
+struct Probes {
+    /// (seconds since the first probe, client id, commit → visible ms).
+    samples: Vec<(f64, i64, f64)>,
+    committed: usize,
+    lost: usize,
+}
+
+/// Commits a probe every `every` for `secs` on one connection while a thread watches
+/// `delta_log`; returns the probes' latencies.
+fn probe(delta_log: &Path, secs: f64, every: Duration, first_id: i64) -> Probes {
+    // (client id, when its COMMIT returned), in commit order.
+    let pending: Arc<Mutex<VecDeque<(i64, Instant)>>> = Arc::default();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Instant::now();
+    let watcher = {
+        let (pending, done, delta_log) = (pending.clone(), done.clone(), delta_log.to_path_buf());
+        std::thread::spawn(move || watch(&delta_log, &pending, &done, started))
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let committed = rt.block_on(async {
+        let (pg, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let probes = (secs / every.as_secs_f64()) as usize;
+        let mut n = 0;
+        while n < probes {
+            tokio::time::sleep_until((started + every * n as u32).into()).await;
+            let id = first_id + n as i64;
+            pg.batch_execute(&format!(
+                "BEGIN; INSERT INTO \"user\" (id, created_on) VALUES ({id}, CURRENT_DATE); \
+                 INSERT INTO loan (id, client_id, amount, created_on, status) \
+                 VALUES ({id}, {id}, 100, CURRENT_DATE, 'paid'); COMMIT;"
+            ))
+            .await
+            .unwrap();
+            pending.lock().unwrap().push_back((id, Instant::now()));
+            n += 1;
+        }
+        n
+    });
+    // Give the last probes time to land, then stop the watcher.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pending.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let samples = watcher.join().unwrap();
+    let lost = pending.lock().unwrap().len();
+    Probes {
+        samples,
+        committed,
+        lost,
+    }
+}
+
+/// Polls the log for each next commit file; resolves the pending probes it carries.
+fn watch(
+    delta_log: &Path,
+    pending: &Mutex<VecDeque<(i64, Instant)>>,
+    done: &std::sync::atomic::AtomicBool,
+    started: Instant,
+) -> Vec<(f64, i64, f64)> {
+    let mut next = latest_version(delta_log) + 1;
+    let mut out = Vec::new();
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        let path = delta_log.join(format!("{next:020}.json"));
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            std::thread::sleep(Duration::from_micros(500));
+            continue;
+        };
+        let seen = Instant::now();
+        // An object store may show a file before its last byte: parse whole lines only.
+        let Some(max_key) = max_added_key(&text) else {
+            std::thread::sleep(Duration::from_micros(500));
+            continue;
+        };
+        next += 1;
+        let mut pending = pending.lock().unwrap();
+        while let Some(&(id, committed)) = pending.front() {
+            if max_key.is_none_or(|m| id > m) {
+                break;
+            }
+            pending.pop_front();
+            out.push((
+                committed.duration_since(started).as_secs_f64(),
+                id,
+                seen.duration_since(committed).as_secs_f64() * 1000.0,
+            ));
+        }
+    }
+    out
+}
+
+/// The highest `client_id` a commit adds with `dataChange` (Some(None) for a commit that
+/// adds none, e.g. a compaction); None when the file is not complete yet.
+fn max_added_key(commit: &str) -> Option<Option<i64>> {
+    let mut max = None;
+    let mut complete = false;
+    for line in commit.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        if v.get("commitInfo").is_some() {
+            complete = true;
+        }
+        let Some(add) = v.get("add") else { continue };
+        if add["dataChange"] != serde_json::Value::Bool(true) {
+            continue;
+        }
+        let stats: serde_json::Value = serde_json::from_str(add["stats"].as_str()?).ok()?;
+        if let Some(k) = stats["maxValues"]["client_id"].as_i64() {
+            max = max.max(Some(k));
+        }
+    }
+    complete.then_some(max)
+}
+
+fn latest_version(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                name.strip_suffix(".json")?.parse::<u64>().ok()
+            })
+            .max()
+            .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+/// `label: n, p50, p90, p99, max` in ms, then the same per minute.
+fn report(label: &str, samples: &[(f64, f64)]) {
+    let line = |xs: &mut Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        format!(
+            "n={} p50 {:.1} ms, p90 {:.1}, p99 {:.1}, max {:.1}",
+            xs.len(),
+            percentile(xs, 0.5),
+            percentile(xs, 0.9),
+            percentile(xs, 0.99),
+            xs.last().copied().unwrap_or(f64::NAN)
+        )
+    };
+    println!(
+        "{label}: {}",
+        line(&mut samples.iter().map(|s| s.1).collect())
+    );
+    for (m, mut xs) in per_minute(samples.iter().copied()) {
+        println!("  minute {:>2}: {}", m + 1, line(&mut xs));
+    }
+}
+
+fn per_minute(samples: impl Iterator<Item = (f64, f64)>) -> BTreeMap<usize, Vec<f64>> {
+    let mut by: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for (t, v) in samples {
+        by.entry((t / 60.0) as usize).or_default().push(v);
+    }
+    by
+}
+
+/// Numeric `key=value` fields of a tracing line.
+fn fields(line: &str) -> BTreeMap<&str, f64> {
+    line.split_whitespace()
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k, v.trim_end_matches(',').parse().ok()?))
+        })
+        .collect()
+}
+
+/// The pipeline's log lines containing `needle` during the run, per minute: count and
+/// p50/p99 of every number they carry (rows, `*_ms`).
+fn report_lines(log: &str, needle: &str, started: Instant, label: &str) {
+    let t0 = chrono::Utc::now() - chrono::Duration::from_std(started.elapsed()).unwrap();
+    let mut per_min: BTreeMap<usize, Vec<BTreeMap<&str, f64>>> = BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains(needle)) {
+        let Some(ts) = line
+            .split_whitespace()
+            .next()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        else {
+            continue;
+        };
+        let t = (ts.with_timezone(&chrono::Utc) - t0).num_milliseconds() as f64 / 1000.0;
+        if t < 0.0 {
+            continue;
+        }
+        per_min
+            .entry((t / 60.0) as usize)
+            .or_default()
+            .push(fields(line));
+    }
+    println!("{label}:");
+    for (m, batches) in per_min {
+        let mut keys: Vec<&str> = batches.iter().flat_map(|b| b.keys().copied()).collect();
+        keys.sort();
+        keys.dedup();
+        let mut parts = vec![format!("{} batches", batches.len())];
+        for k in keys {
+            let mut xs: Vec<f64> = batches.iter().filter_map(|b| b.get(k).copied()).collect();
+            xs.sort_by(f64::total_cmp);
+            parts.push(format!(
+                "{k} p50 {:.0} p99 {:.0}",
+                percentile(&xs, 0.5),
+                percentile(&xs, 0.99)
+            ));
+        }
+        println!("  minute {:>2}: {}", m + 1, parts.join(", "));
+    }
+}
+
+/// `table maintenance` lines: how often and how long, per table.
+fn report_maintenance(log: &str) {
+    let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains("table maintenance")) {
+        let table = line
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("table="))
+            .unwrap_or("?")
+            .to_string();
+        if let Some(ms) = fields(line).get("elapsed_ms") {
+            by.entry(table).or_default().push(*ms);
+        }
+    }
+    if by.is_empty() {
+        println!("maintenance: none logged");
+    }
+    for (table, mut xs) in by {
+        xs.sort_by(f64::total_cmp);
+        println!(
+            "maintenance {table}: {} runs, p50 {:.0} ms, max {:.0}",
+            xs.len(),
+            percentile(&xs, 0.5),
+            xs.last().copied().unwrap_or(f64::NAN)
+        );
+    }
+}
+
+/// Mean of each histogram the pipeline exports for batches and table commits.
+fn report_metrics(text: &str) {
+    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        for (suffix, slot) in [("_sum", 0), ("_count", 1)] {
+            let Some((metric, labels)) = name.split_once('{').or(Some((name, ""))) else {
+                continue;
+            };
+            let Some(base) = metric.strip_suffix(suffix) else {
+                continue;
+            };
+            if !base.contains("batch_seconds")
+                && !base.contains("table_commit_seconds")
+                && !base.contains("commit_to")
+            {
+                continue;
+            }
+            let key = format!(
+                "{base}{}{}",
+                if labels.is_empty() { "" } else { "{" },
+                labels
+            );
+            let e = sums.entry(key).or_default();
+            if slot == 0 {
+                e.0 = value;
+            } else {
+                e.1 = value;
+            }
+        }
+    }
+    for (k, (sum, count)) in sums {
+        if count > 0.0 {
+            println!(
+                "  metric {k}: n={count} mean {:.1} ms",
+                sum / count * 1000.0
+            );
+        }
+    }
+}
+
+/// Plots latency over time for every run into `out/latency.png` with matplotlib from a
+/// venv under ~/.cache (created on first use).
+fn plot(out: &Path, csvs: &[PathBuf]) {
+    if csvs.is_empty() {
+        return;
+    }
+    let venv = PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/pipeline-bench-venv");
+    let python = venv.join("bin/python");
+    let ok = python.exists()
+        || (Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new(&python)
+                .args(["-m", "pip", "install", "-q", "matplotlib"])
+                .status()
+                .is_ok_and(|s| s.success()));
+    let png = out.join("latency.png");
+    let plotted = ok
+        && Command::new(&python)
+            .arg(repo().join("benches/plot_latency.py"))
+            .arg(&png)
+            .args(csvs)
+            .status()
+            .is_ok_and(|s| s.success());
+    if plotted {
+        println!("plot: {}", png.display());
+    } else {
+        println!("plot: skipped (matplotlib unavailable)");
+    }
+}
