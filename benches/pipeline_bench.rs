@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::{bin, knob, percentile, pg_base, psql, S3Server};
+use common::{bin, knob, latest_version, percentile, pg_base, psql, S3Server};
 use pipeline::config::{LakeConfig, PipelineConfig, SourceConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -71,23 +71,11 @@ fn run_measured(cmd: &mut Command) -> (Duration, f64) {
 }
 
 fn main() {
-    let dump = std::env::var("BENCH_DUMP")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/dumps/de_test_task_db")
-        });
     let runs: usize = knob("BENCH_RUNS", 3);
     let changes: usize = knob("BENCH_CHANGES", 200);
     let url = format!("{}/bench_dump", pg_base());
 
-    eprintln!("restoring {} into bench_dump …", dump.display());
-    let st = Command::new(bin())
-        .args(["db", "--url", &url, "restore", "--clean"])
-        .arg(&dump)
-        .env("RUST_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    common::restore_dump(&url);
 
     // 1. --once on the full dump.
     let mut walls = Vec::new();
@@ -538,25 +526,7 @@ fn start_streaming(file: &Path, log: &Path) -> (Child, Duration) {
 }
 
 fn start_streaming_with(file: &Path, log: &Path, rust_log: &str) -> (Child, Duration) {
-    let started = Instant::now();
-    let child = Command::new(bin())
-        .args(["run"])
-        .arg(file)
-        .env("RUST_LOG", rust_log)
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    while !std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .contains("streaming changes")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "pipeline did not start streaming"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (child, started.elapsed())
+    common::start_streaming(file, log, rust_log, Duration::from_secs(120))
 }
 
 /// A current-thread runtime for the bench's own Postgres client.
@@ -579,17 +549,6 @@ async fn connect(url: &str) -> tokio_postgres::Client {
 fn parse_lsn(s: &str) -> u64 {
     let (hi, lo) = s.split_once('/').unwrap();
     (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-}
-
-fn latest_version(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().into_string().ok()?;
-            name.strip_suffix(".json")?.parse::<u64>().ok()
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 /// The `txn` version (our batch end LSN) in a Delta commit file.

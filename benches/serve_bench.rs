@@ -54,28 +54,10 @@ fn pipeline_file(dir: &Path, port: u16, serve: bool) -> PathBuf {
     file
 }
 
-/// Starts `pipeline run` and waits until it streams; returns it and its log path.
+/// Starts `pipeline run` logging to `dir/pipeline.log` and waits until it streams.
 fn start(file: &Path, dir: &Path) -> Child {
     let log = dir.join("pipeline.log");
-    let child = Command::new(bin())
-        .arg("run")
-        .arg(file)
-        .env("RUST_LOG", "warn,pipeline=info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("streaming changes")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "pipeline did not start streaming"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
+    common::start_streaming(file, &log, "warn,pipeline=info", Duration::from_secs(300)).0
 }
 
 /// VmHWM (peak resident set) of a process, MiB.
@@ -138,17 +120,7 @@ fn report(label: &str, samples: &[(f64, f64)]) {
 }
 
 fn main() {
-    let dump = std::env::var("BENCH_DUMP")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo().join("../shared/dumps/de_test_task_db"));
-    let st = Command::new(bin())
-        .args(["db", "restore", "--clean"])
-        .arg(&dump)
-        .env("PG_URL", pg_url())
-        .env("RUST_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(st.success(), "restoring {}", dump.display());
+    common::restore_dump(&pg_url());
     psql("CREATE TABLE IF NOT EXISTS unpublished (id serial PRIMARY KEY, note text)");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();

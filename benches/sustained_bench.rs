@@ -22,7 +22,7 @@
 
 mod common;
 
-use common::{bin, free_port, knob, percentile, pg_base, S3Server};
+use common::{bin, free_port, knob, latest_version, percentile, pg_base, S3Server};
 use pipeline::config::{LakeConfig, PipelineConfig, SourceConfig};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
@@ -84,9 +84,6 @@ fn run_specs() -> Vec<RunSpec> {
 }
 
 fn main() {
-    let dump = std::env::var("BENCH_DUMP")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo().join("../shared/dumps/de_test_task_db"));
     let minutes: f64 = knob("BENCH_MINUTES", 10.0);
     let probe_every = Duration::from_millis(knob("BENCH_PROBE_MS", 100));
     let out = std::env::var("BENCH_OUT")
@@ -94,15 +91,7 @@ fn main() {
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sustained"));
     std::fs::create_dir_all(&out).unwrap();
 
-    eprintln!("restoring {} into {DB} …", dump.display());
-    let st = Command::new(bin())
-        .args(["db", "restore", "--clean"])
-        .arg(&dump)
-        .env("PG_URL", pg_url())
-        .env("RUST_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(st.success(), "restoring {}", dump.display());
+    common::restore_dump(&pg_url());
 
     let mut csvs = Vec::new();
     for (i, spec) in run_specs().into_iter().enumerate() {
@@ -244,28 +233,10 @@ fn pipeline_file(dir: &Path, lake: LakeConfig, port: u16) -> PathBuf {
     file
 }
 
-/// Starts `pipeline run` logging to `log` and waits until it streams.
+/// Starts `pipeline run` logging to `log` (sink commits at debug) and waits until it streams.
 fn start(file: &Path, log: &Path) -> Child {
-    let child = Command::new(bin())
-        .arg("run")
-        .arg(file)
-        .env("RUST_LOG", "warn,pipeline=info,pipeline::sink=debug")
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .contains("streaming changes")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "pipeline did not start streaming: {}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
+    let rust_log = "warn,pipeline=info,pipeline::sink=debug";
+    common::start_streaming(file, log, rust_log, Duration::from_secs(300)).0
 }
 
 fn loadgen(file: &Path, rate: f64, secs: f64) -> Child {
@@ -410,19 +381,6 @@ fn max_added_key(commit: &str) -> Option<Option<i64>> {
         }
     }
     complete.then_some(max)
-}
-
-fn latest_version(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| {
-                let name = e.ok()?.file_name().into_string().ok()?;
-                name.strip_suffix(".json")?.parse::<u64>().ok()
-            })
-            .max()
-            .unwrap_or(0)
-        })
-        .unwrap_or(0)
 }
 
 /// `label: n, p50, p90, p99, max` in ms, then the same per minute.

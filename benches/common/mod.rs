@@ -112,3 +112,69 @@ pub(crate) fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The dump the benches restore: BENCH_DUMP, or the shared CRM dump.
+pub(crate) fn dump() -> std::path::PathBuf {
+    std::env::var("BENCH_DUMP")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/dumps/de_test_task_db")
+        })
+}
+
+/// `pipeline db restore --clean` of [`dump`] into the database at `url`.
+pub(crate) fn restore_dump(url: &str) {
+    let dump = dump();
+    eprintln!("restoring {} into {url} …", dump.display());
+    let st = Command::new(bin())
+        .args(["db", "--url", url, "restore", "--clean"])
+        .arg(&dump)
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(st.success(), "restoring {}", dump.display());
+}
+
+/// Starts `pipeline run <file>` logging to `log` at `rust_log`; returns it once it logs
+/// that it is streaming, with the time that took. Panics after `timeout`.
+pub(crate) fn start_streaming(
+    file: &std::path::Path,
+    log: &std::path::Path,
+    rust_log: &str,
+    timeout: std::time::Duration,
+) -> (std::process::Child, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let child = Command::new(bin())
+        .arg("run")
+        .arg(file)
+        .env("RUST_LOG", rust_log)
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("streaming changes")
+    {
+        assert!(
+            started.elapsed() < timeout,
+            "pipeline did not start streaming: {}",
+            log.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (child, started.elapsed())
+}
+
+/// The highest commit version in a Delta log directory (0 when none, or no directory).
+pub(crate) fn latest_version(delta_log: &std::path::Path) -> u64 {
+    std::fs::read_dir(delta_log)
+        .map(|d| {
+            d.filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                name.strip_suffix(".json")?.parse::<u64>().ok()
+            })
+            .max()
+            .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
