@@ -19,6 +19,15 @@ pub const ROWS: &str = "pipeline_rows_total";
 pub const BATCHES: &str = "pipeline_batches_total";
 /// One table's Delta commit (`table` = `raw/loan`, …).
 pub const TABLE_COMMIT_SECONDS: &str = "pipeline_table_commit_seconds";
+/// One step of an append (`step` = `write`: Parquet encoded and uploaded, `log`: the
+/// log entry, `snapshot`: the writer's snapshot moved to it).
+pub const TABLE_COMMIT_STEP_SECONDS: &str = "pipeline_table_commit_step_seconds";
+/// Making a commit's files durable on a local lake (fsync).
+pub const LAKE_DURABLE_SECONDS: &str = "pipeline_lake_durable_seconds";
+/// One maintenance task on one table (`task` = `compact`, `checkpoint`, `vacuum`).
+pub const MAINTENANCE_SECONDS: &str = "pipeline_maintenance_seconds";
+/// Small files removed by compactions folded into appends.
+pub const COMPACTED_FILES: &str = "pipeline_compacted_files_total";
 /// WAL the server holds for the slot, and how far the acknowledged position is behind
 /// the server's current WAL position.
 pub const SLOT_RETAINED_BYTES: &str = "pipeline_slot_retained_wal_bytes";
@@ -76,6 +85,18 @@ fn describe() {
             "time a batch spends in a step (compute, commit)",
         ),
         (TABLE_COMMIT_SECONDS, "one Delta table's commit"),
+        (
+            TABLE_COMMIT_STEP_SECONDS,
+            "one step of an append (write, log, snapshot)",
+        ),
+        (
+            LAKE_DURABLE_SECONDS,
+            "fsync of a commit's files (local lake)",
+        ),
+        (
+            MAINTENANCE_SECONDS,
+            "one maintenance task (compact, checkpoint, vacuum)",
+        ),
         (HTTP_SECONDS, "HTTP request handling, waits included"),
         (WAIT_SECONDS, "read-your-writes wait for min_lsn"),
     ] {
@@ -89,6 +110,7 @@ fn describe() {
         (WAIT_TIMEOUTS, "waits for min_lsn that timed out (504)"),
         (FENCES, "fences written for readers ahead of the watermark"),
         (SHED, "requests refused at serve.max_in_flight (503)"),
+        (COMPACTED_FILES, "small files compacted into larger ones"),
     ] {
         describe_counter!(name, what);
     }

@@ -9,12 +9,18 @@ use std::collections::HashMap;
 pub struct MaintenanceConfig {
     /// Write a checkpoint after this many commits to a table (0 = never).
     pub checkpoint_every_commits: u64,
-    /// Compact a table's small files after this many commits (0 = never).
+    /// Compact a table's small files after this many commits (0 = never). The rewrite
+    /// runs in the background and lands with the table's next append, so a short cycle
+    /// keeps the number of files (and the cost of each commit) small.
     pub compact_every_commits: u64,
+    /// Files smaller than this are compacted.
+    pub small_file_mb: u64,
     /// Size compaction aims for.
     pub target_file_mb: u64,
-    /// Vacuum (delete files no table version within the retention references) with every
-    /// compaction, keeping files removed less than this long ago for readers of old versions.
+    /// Vacuum (delete files no table version within the retention references) this often
+    /// (0 = never in the background; `pipeline maintain` vacuums too).
+    pub vacuum_every_minutes: u64,
+    /// Vacuum keeps files removed less than this long ago for readers of old versions.
     pub vacuum_retention_hours: u64,
     /// Commit files older than this that precede a checkpoint are deleted (time travel
     /// reaches back this far). Set on each table as `delta.logRetentionDuration`.
@@ -30,8 +36,10 @@ impl Default for MaintenanceConfig {
     fn default() -> Self {
         MaintenanceConfig {
             checkpoint_every_commits: 100,
-            compact_every_commits: 100,
+            compact_every_commits: 20,
+            small_file_mb: 4,
             target_file_mb: 128,
+            vacuum_every_minutes: 60,
             vacuum_retention_hours: 168,
             log_retention_minutes: 10,
             tombstone_retention_minutes: 10,
@@ -45,6 +53,12 @@ impl MaintenanceConfig {
             // Vacuum deletes unreferenced files older than this; a shorter window could
             // delete the Parquet files of an append that has not committed yet.
             return Err(Invalid::at("vacuum_retention_hours", "must be at least 1"));
+        }
+        if self.small_file_mb > self.target_file_mb {
+            return Err(Invalid::at(
+                "small_file_mb",
+                "must not exceed target_file_mb (a compacted file would be small again)",
+            ));
         }
         Ok(())
     }

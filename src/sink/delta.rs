@@ -2,6 +2,8 @@
 //! per batch, the tables of a batch committed concurrently, each carrying a `txn` action
 //! whose version is the batch's end LSN.
 
+use super::append;
+use super::compact::{self, Folds};
 use super::staged::{self, StagedFiles};
 use super::{ensure_table, Writes};
 use super::{Destination, Lake, LakeTable, Maintainer, ResumePoint, SinkError, TableProgress};
@@ -12,7 +14,7 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
 use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
-use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::writer::RecordBatchWriter;
 use deltalake::DeltaTable;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -180,6 +182,8 @@ impl DeltaSink {
                 kind,
                 evolves: entry.evolves,
                 inline_checkpoints: self.maintainer.is_none(),
+                lake: self.lake.clone(),
+                folds: self.maintainer.as_ref().map(|m| m.folds().clone()),
             };
             jobs.push(commit_table(table, commit, props));
         }
@@ -194,9 +198,21 @@ impl DeltaSink {
         } else {
             futures::future::join_all(jobs).await
         };
+        // Appends fsync what they wrote; the rest (a snapshot, a schema change, a commit
+        // whose reply was lost) syncs the lake's filesystem.
+        let synced =
+            kind == CommitKind::Append && results.iter().all(|(_, r)| matches!(r, Ok((_, true))));
+        let results = results
+            .into_iter()
+            .map(|(path, r)| (path, r.map(|(t, _)| t)))
+            .collect();
         self.finish(results, version, kind)?;
         // Callers acknowledge the version to Postgres once this returns.
-        self.lake.make_durable().await
+        if synced {
+            Ok(())
+        } else {
+            self.lake.make_durable().await
+        }
     }
 
     /// Checks every table is open here and casts the rest of a staged transaction to
@@ -221,11 +237,26 @@ impl DeltaSink {
                     writer: Some(w),
                     path,
                 },
-                None => TableCommit {
-                    path,
-                    batches,
-                    writer: None,
-                },
+                None => {
+                    let entry = &self.tables[&path];
+                    // A source column whose type changed is written in the lake's type,
+                    // checked for every table before any commits.
+                    let batches = match entry.table.as_ref().map(|t| t.snapshot()) {
+                        Some(Ok(s)) => {
+                            let lake_schema = s.snapshot().arrow_schema();
+                            batches
+                                .iter()
+                                .map(|b| staged::conform_to(&path, b, &lake_schema))
+                                .collect::<Result<Vec<_>, _>>()?
+                        }
+                        _ => batches,
+                    };
+                    TableCommit {
+                        path,
+                        batches,
+                        writer: None,
+                    }
+                }
             };
             prepared.push(commit);
         }
@@ -235,7 +266,7 @@ impl DeltaSink {
     /// Puts the tables back and records the commits; the first failure is returned.
     fn finish(
         &mut self,
-        results: Vec<(LakeTable, CommitResult)>,
+        results: Vec<(LakeTable, TableResult)>,
         version: Lsn,
         kind: CommitKind,
     ) -> Result<(), SinkError> {
@@ -244,12 +275,12 @@ impl DeltaSink {
             let entry = self.tables.get_mut(&path).expect("known table");
             match result {
                 Ok(t) => {
+                    if let Some(m) = &self.maintainer {
+                        m.committed(&path, &t);
+                    }
                     entry.table = Some(t);
                     self.progress
                         .record(&path, version, kind == CommitKind::Replace);
-                    if let Some(m) = &self.maintainer {
-                        m.committed(&path);
-                    }
                 }
                 Err((backup, source)) => {
                     entry.table = Some(backup);
@@ -334,10 +365,15 @@ struct CommitProps {
     kind: CommitKind,
     evolves: bool,
     inline_checkpoints: bool,
+    lake: Lake,
+    /// What the maintainer has ready to fold into appends.
+    folds: Option<Folds>,
 }
 
-/// The table after its commit, or as it was with the error.
-type CommitResult = Result<DeltaTable, (DeltaTable, deltalake::DeltaTableError)>;
+/// The table after its commit (and whether the commit made its files durable itself),
+/// or as it was with the error.
+type CommitResult = Result<(DeltaTable, bool), (DeltaTable, deltalake::DeltaTableError)>;
+type TableResult = Result<DeltaTable, (DeltaTable, deltalake::DeltaTableError)>;
 
 /// Commits one table's part: its rows (joining its staged files, if any) and the `txn`
 /// actions. A commit that reports an error but whose `txn` the table holds afterwards
@@ -363,28 +399,31 @@ async fn commit_table(
     }
     let commit_properties = CommitProperties::default()
         .with_application_transactions(txns)
-        .with_create_checkpoint(props.inline_checkpoints);
+        .with_create_checkpoint(props.inline_checkpoints)
+        // Listing and pruning the log at every commit grows with the log; the maintainer
+        // does it after each checkpoint.
+        .with_cleanup_expired_logs((!props.inline_checkpoints).then_some(false));
     let backup = table.clone();
-    let result = match writer {
-        // Staged files: the rest of the rows join them, one commit for all.
-        Some(writer) => {
-            let mut writer = writer.with_commit_properties(commit_properties);
-            let mut table = table;
-            async {
-                for b in batches {
-                    staged::write_conformed(&mut writer, props.evolves, b).await?;
-                }
-                writer.flush_and_commit(&mut table).await
-            }
-            .await
-            .map(|_| table)
+    let result = match props.kind {
+        CommitKind::Append => {
+            let table = match props.folds.as_ref().and_then(|f| f.take_fresh(&path)) {
+                Some(fresh) => compact::continue_from(table, fresh).await,
+                None => table,
+            };
+            let target = append::Target {
+                path: &path,
+                evolves: props.evolves,
+                folds: props.folds.as_ref(),
+                lake: &props.lake,
+            };
+            append::append(table, batches, writer, commit_properties, target)
+                .await
+                .map(|a| (a.table, a.files.is_some()))
         }
-        None => {
-            let (mode, schema_mode) = match (props.kind, props.evolves) {
-                (CommitKind::Append, false) => (SaveMode::Append, None),
-                (CommitKind::Append, true) => (SaveMode::Append, Some(SchemaMode::Merge)),
-                (CommitKind::Replace, false) => (SaveMode::Overwrite, None),
-                (CommitKind::Replace, true) => (SaveMode::Overwrite, Some(SchemaMode::Overwrite)),
+        CommitKind::Replace => {
+            let (mode, schema_mode) = match props.evolves {
+                false => (SaveMode::Overwrite, None),
+                true => (SaveMode::Overwrite, Some(SchemaMode::Overwrite)),
             };
             let mut write = table
                 .write(batches)
@@ -393,26 +432,38 @@ async fn commit_table(
             if let Some(m) = schema_mode {
                 write = write.with_schema_mode(m);
             }
-            write.await
+            write
+                .await
+                .map(|t| (t, false))
+                .map_err(|source| SinkError::Delta {
+                    table: path.clone(),
+                    source,
+                })
         }
     };
     let version = props.version;
     match result {
-        Ok(t) => {
+        Ok((t, synced)) => {
             metrics::histogram!(crate::metrics::TABLE_COMMIT_SECONDS, "table" => path.to_string())
                 .record(started.elapsed().as_secs_f64());
-            tracing::debug!(table = %path, rows, version = ?t.version(),
-                elapsed_ms = started.elapsed().as_millis() as u64, "delta commit");
-            (path, Ok(t))
+            tracing::trace!(table = %path, rows, version = ?t.version(),
+                elapsed_ms = started.elapsed().as_millis() as u64, "table committed");
+            (path, Ok((t, synced)))
         }
-        Err(e) => match committed_version(backup, &props.app_id).await {
-            Ok((t, v)) if v >= version => {
-                tracing::warn!(table = %path, %version, error = %e,
-                    "commit reported an error but the table holds this batch: treating it as committed");
-                (path, Ok(t))
+        Err(e) => {
+            let e = match e {
+                SinkError::Delta { source, .. } => source,
+                other => deltalake::DeltaTableError::Generic(other.to_string()),
+            };
+            match committed_version(backup, &props.app_id).await {
+                Ok((t, v)) if v >= version => {
+                    tracing::warn!(table = %path, %version, error = %e,
+                        "commit reported an error but the table holds this batch: treating it as committed");
+                    (path, Ok((t, false)))
+                }
+                Ok((t, _)) | Err((t, _)) => (path, Err((t, e))),
             }
-            Ok((t, _)) | Err((t, _)) => (path, Err((t, e))),
-        },
+        }
     }
 }
 

@@ -3,11 +3,18 @@
 //! files (rewrite commits with `dataChange = false`), vacuum of files no longer referenced
 //! after a retention period, and expired-log cleanup.
 //!
-//! It works on its own table handles: a compaction commits concurrently with appends, and
-//! Delta's conflict check lets a blind append and a compaction of older files both land.
+//! In the background it never commits: the sink hands it the table after each commit,
+//! compactions are rewritten here and land with the table's next append
+//! ([`compact`]), checkpoints and log cleanup write no log entry, and vacuum deletes
+//! files without delta-rs' vacuum commits. So no append ever waits on it or retries.
+//! `pipeline maintain` ([`maintain_table`]) is the offline path, with delta-rs' own
+//! optimize and vacuum.
 
+use super::compact::{self, Folds};
 use super::{Lake, LakeTable, SinkError};
 use crate::config::MaintenanceConfig;
+use deltalake::logstore::object_store::ObjectStoreExt;
+use deltalake::DeltaTable;
 use std::collections::BTreeMap;
 use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
@@ -75,10 +82,12 @@ pub async fn maintain_table(
     Ok(report)
 }
 
-/// Handle to the background maintainer: told about each commit, never blocks the appender.
+/// Handle to the background maintainer: told about each commit (with the table as it
+/// committed), never blocks the appender.
 #[derive(Clone)]
 pub struct Maintainer {
-    tx: mpsc::Sender<LakeTable>,
+    tx: mpsc::Sender<(LakeTable, DeltaTable)>,
+    folds: Folds,
 }
 
 impl Maintainer {
@@ -88,54 +97,181 @@ impl Maintainer {
         config: MaintenanceConfig,
     ) -> (Maintainer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
-        let task = tokio::spawn(run(lake, config, rx));
-        (Maintainer { tx }, task)
+        let folds = Folds::default();
+        let task = tokio::spawn(run(lake, config, folds.clone(), rx));
+        (Maintainer { tx, folds }, task)
     }
 
-    /// Records a commit to `path`. Dropped when the maintainer lags far behind: counts are
-    /// a schedule, not a ledger.
-    pub fn committed(&self, path: &LakeTable) {
-        let _ = self.tx.try_send(path.clone());
+    /// Records a commit to `path`, which left `table`. Dropped when the maintainer lags
+    /// far behind: counts are a schedule, not a ledger.
+    pub(crate) fn committed(&self, path: &LakeTable, table: &DeltaTable) {
+        let _ = self.tx.try_send((path.clone(), table.clone()));
+    }
+
+    /// Where compactions and fresh tables wait for the sink.
+    pub(crate) fn folds(&self) -> &Folds {
+        &self.folds
     }
 }
 
-async fn run(lake: Lake, config: MaintenanceConfig, mut rx: mpsc::Receiver<LakeTable>) {
-    #[derive(Default)]
-    struct Counts {
-        since_checkpoint: u64,
-        since_compaction: u64,
-    }
-    let mut counts: BTreeMap<LakeTable, Counts> = BTreeMap::new();
-    while let Some(path) = rx.recv().await {
-        let c = counts.entry(path.clone()).or_default();
-        c.since_checkpoint += 1;
-        c.since_compaction += 1;
-        let compact =
-            config.compact_every_commits > 0 && c.since_compaction >= config.compact_every_commits;
-        let checkpoint = compact
-            || (config.checkpoint_every_commits > 0
-                && c.since_checkpoint >= config.checkpoint_every_commits);
-        if !checkpoint {
-            continue;
+/// One table as the maintainer follows it.
+struct Tracked {
+    /// The newest table a commit left.
+    table: DeltaTable,
+    since_checkpoint: u64,
+    since_compaction: u64,
+}
+
+async fn run(
+    lake: Lake,
+    config: MaintenanceConfig,
+    folds: Folds,
+    mut rx: mpsc::Receiver<(LakeTable, DeltaTable)>,
+) {
+    let mut tables: BTreeMap<LakeTable, Tracked> = BTreeMap::new();
+    let mut last_vacuum = Instant::now();
+    let note = |tables: &mut BTreeMap<LakeTable, Tracked>, path: LakeTable, table| {
+        let t = tables.entry(path).or_insert_with(|| Tracked {
+            table: DeltaTable::clone(&table),
+            since_checkpoint: 0,
+            since_compaction: 0,
+        });
+        t.table = table;
+        t.since_checkpoint += 1;
+        t.since_compaction += 1;
+    };
+    while let Some((path, table)) = rx.recv().await {
+        // Only the newest table of each matters: the commits queued meanwhile just count.
+        note(&mut tables, path, table);
+        while let Ok((path, table)) = rx.try_recv() {
+            note(&mut tables, path, table);
         }
-        let started = Instant::now();
-        match maintain_table(&lake, &path, &config, compact).await {
-            Ok(r) => {
-                c.since_checkpoint = 0;
-                if compact {
-                    c.since_compaction = 0;
-                }
-                tracing::info!(table = %path, checkpoint_version = ?r.checkpoint_version,
-                    files_compacted = r.files_compacted, files_written = r.files_written,
-                    files_vacuumed = r.files_vacuumed, logs_cleaned = r.logs_cleaned,
-                    elapsed_ms = started.elapsed().as_millis() as u64, "table maintenance");
-            }
-            Err(e) => {
-                // Maintenance is an optimisation: a failure is retried at the next commit
+        for (path, t) in tables.iter_mut() {
+            if let Err(e) = maintain_due(&lake, &config, &folds, path, t).await {
+                // Maintenance is an optimisation: a failure is retried at a later commit
                 // after a pause, and never stops the appends.
                 tracing::warn!(table = %path, error = %e, "table maintenance failed; will retry");
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
         }
+        let every = Duration::from_secs(config.vacuum_every_minutes.saturating_mul(60));
+        if config.vacuum_every_minutes > 0 && last_vacuum.elapsed() >= every {
+            last_vacuum = Instant::now();
+            for (path, t) in &tables {
+                if let Err(e) = vacuum(&config, path, &t.table).await {
+                    tracing::warn!(table = %path, error = %e, "vacuum failed; will retry");
+                }
+            }
+        }
     }
+}
+
+/// Compacts and checkpoints `t` when due.
+async fn maintain_due(
+    lake: &Lake,
+    config: &MaintenanceConfig,
+    folds: &Folds,
+    path: &LakeTable,
+    t: &mut Tracked,
+) -> Result<(), SinkError> {
+    let derr = |source| SinkError::Delta {
+        table: path.clone(),
+        source,
+    };
+    let version = t.table.version().unwrap_or(0);
+    if config.compact_every_commits > 0
+        && t.since_compaction >= config.compact_every_commits
+        && !folds.busy(path, version)
+    {
+        t.since_compaction = 0;
+        let started = Instant::now();
+        let mb = |n: u64| (n.max(1) * 1024 * 1024) as i64;
+        let target = mb(config.target_file_mb);
+        if let Some(removes) =
+            compact::plan(&t.table, mb(config.small_file_mb), target).map_err(derr)?
+        {
+            let compaction = compact::rewrite(&t.table, removes, target as u64)
+                .await
+                .map_err(derr)?;
+            lake.sync_files(path, compaction.added_paths()).await?;
+            tracing::info!(table = %path, version, files = compaction.files_removed(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "compaction rewritten; lands with the next append");
+            folds.offer_compaction(path, compaction);
+            metrics::histogram!(crate::metrics::MAINTENANCE_SECONDS, "task" => "compact")
+                .record(started.elapsed().as_secs_f64());
+        }
+    }
+    if config.checkpoint_every_commits > 0 && t.since_checkpoint >= config.checkpoint_every_commits
+    {
+        t.since_checkpoint = 0;
+        let started = Instant::now();
+        deltalake::checkpoints::create_checkpoint(&t.table, None)
+            .await
+            .map_err(derr)?;
+        // The configured retention rather than the table's property, so that tables
+        // created before it was set follow it too.
+        let cutoff = chrono::Utc::now().timestamp_millis()
+            - (config.log_retention_minutes as i64).saturating_mul(60_000);
+        let cleaned = deltalake::checkpoints::cleanup_expired_logs_for(
+            version,
+            t.table.log_store().as_ref(),
+            cutoff,
+            None,
+        )
+        .await
+        .map_err(derr)?;
+        // The writer continues from a table read from this checkpoint: a snapshot that
+        // only ever grows by each commit gets slower to move forward.
+        let fresh = lake.existing_table(path).await?;
+        folds.offer_fresh(path, fresh);
+        metrics::histogram!(crate::metrics::MAINTENANCE_SECONDS, "task" => "checkpoint")
+            .record(started.elapsed().as_secs_f64());
+        tracing::info!(table = %path, checkpoint_version = version, logs_cleaned = cleaned,
+            elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint written");
+    }
+    Ok(())
+}
+
+/// Deletes the files no version inside the retention references. A dry run of delta-rs'
+/// vacuum finds them and the deletes follow here: the real vacuum commits twice (start
+/// and end), beside the appends, which is what the maintainer never does.
+async fn vacuum(
+    config: &MaintenanceConfig,
+    path: &LakeTable,
+    table: &DeltaTable,
+) -> Result<usize, SinkError> {
+    let derr = |source| SinkError::Delta {
+        table: path.clone(),
+        source,
+    };
+    let started = Instant::now();
+    let retention = chrono::Duration::hours(config.vacuum_retention_hours as i64);
+    let (_, found) = table
+        .clone()
+        .vacuum()
+        .with_retention_period(retention)
+        .with_enforce_retention_duration(false)
+        .with_mode(deltalake::operations::vacuum::VacuumMode::Full)
+        .with_dry_run(true)
+        .await
+        .map_err(derr)?;
+    let store = table.object_store();
+    for f in &found.files_deleted {
+        let file = deltalake::Path::from(f.as_str());
+        match store.delete(&file).await {
+            Ok(()) | Err(deltalake::ObjectStoreError::NotFound { .. }) => {}
+            Err(source) => {
+                return Err(SinkError::Store {
+                    path: f.clone(),
+                    source,
+                })
+            }
+        }
+    }
+    metrics::histogram!(crate::metrics::MAINTENANCE_SECONDS, "task" => "vacuum")
+        .record(started.elapsed().as_secs_f64());
+    tracing::info!(table = %path, files_vacuumed = found.files_deleted.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64, "vacuum");
+    Ok(found.files_deleted.len())
 }

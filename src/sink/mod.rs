@@ -11,9 +11,12 @@ use arrow::array::RecordBatch;
 use std::collections::BTreeMap;
 use std::future::Future;
 
+mod append;
+mod compact;
 mod delta;
 mod lake;
 mod layout;
+mod local_list;
 mod maintain;
 #[cfg(test)]
 pub(crate) mod memory;

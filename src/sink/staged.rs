@@ -81,6 +81,18 @@ pub(super) fn conform(
     })
 }
 
+/// `rows` cast to the types `lake_schema` has for its columns (see [`conform`]).
+pub(super) fn conform_to(
+    path: &LakeTable,
+    rows: &RecordBatch,
+    lake_schema: &SchemaRef,
+) -> Result<RecordBatch, SinkError> {
+    cast_to(rows, lake_schema).map_err(|message| SinkError::Schema {
+        table: path.clone(),
+        message,
+    })
+}
+
 /// Writes conformed `rows` through `writer`: a table that follows its source's schema
 /// takes new columns and leaves missing ones NULL.
 pub(super) async fn write_conformed(

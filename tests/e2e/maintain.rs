@@ -22,7 +22,9 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
     let config = MaintenanceConfig {
         checkpoint_every_commits: 10,
         compact_every_commits: 40,
+        small_file_mb: 1,
         target_file_mb: 16,
+        vacuum_every_minutes: 0,
         vacuum_retention_hours: 1,
         // Nothing older than now: every commit file before the latest checkpoint goes, and
         // checkpoints keep no tombstone.
@@ -39,13 +41,26 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
     .await
     .unwrap()
     .with_maintainer(maintainer);
-    let commits = 45i64;
-    for v in 1..=commits {
+    async fn append(sink: &mut DeltaSink, schema: &Arc<Schema>, v: i64) {
         let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![v]))])
             .unwrap();
         sink.append(vec![(t(), vec![batch])], Lsn::new(v as u64))
             .await
             .unwrap();
+    }
+    let mut commits = 0i64;
+    while commits < 45 {
+        commits += 1;
+        append(&mut sink, &schema, commits).await;
+    }
+    // The compaction planned at commit 40 is rewritten in the background and lands with
+    // an append after it is ready: keep appending, slowly, until it has.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while active_files(sink.table(&t()).unwrap()) > 10 {
+        assert!(Instant::now() < deadline, "no compaction landed in 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        commits += 1;
+        append(&mut sink, &schema, commits).await;
     }
     drop(sink); // closes the maintainer's channel once it has seen every commit
     tokio::time::timeout(Duration::from_secs(60), task)
@@ -68,13 +83,13 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
         .and_then(|digits| digits.parse().ok())
         .unwrap_or_else(|| panic!("no version in _last_checkpoint: {last_checkpoint}"));
     assert!(
-        (40..60).contains(&checkpoint_version),
-        "checkpoints every 10 commits, the last one at version 40..59: {last_checkpoint}"
+        checkpoint_version >= 40,
+        "checkpoints every 10 commits, the last one at version 40 or later: {last_checkpoint}"
     );
     let table = lake.existing_table(&t()).await.unwrap();
-    // 40 one-row files compacted into one, plus the 5 appended after the compaction.
+    // 40 one-row files compacted into one, plus the few appended after the plan.
     assert!(
-        active_files(&table) <= 6,
+        active_files(&table) <= 10,
         "active files: {}",
         active_files(&table)
     );
