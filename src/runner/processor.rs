@@ -29,9 +29,10 @@ use std::time::Instant;
 pub(crate) enum Work {
     /// A piece of a large transaction: its raw rows, written ahead without a commit.
     Stage(Vec<(LakeTable, RecordBatch)>),
-    /// A batch of transactions: its raw rows and features, one commit per table.
+    /// Batches of transactions (one, or several merged into a group commit): their raw
+    /// rows and features, one commit per table.
     Commit {
-        raw: Vec<(LakeTable, RecordBatch)>,
+        raw: Writes,
         features: Writes,
         batch: BatchInfo,
     },
@@ -42,14 +43,110 @@ pub(crate) enum Work {
     End,
 }
 
-/// What the log line and the metrics of a committed batch say.
+/// What the log line and the metrics of a committed batch (or group of batches) say.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BatchInfo {
     pub end_lsn: Lsn,
+    /// The earliest source commit in it (its latency is the group's worst).
     pub commit_ts_micros: i64,
     pub transactions: usize,
     pub rows: usize,
+    /// Batches in the group.
+    pub batches: usize,
     pub first_received: Instant,
+    /// How long applying and computing took, over the group.
+    pub compute: std::time::Duration,
+    /// When the (last) batch was computed: the wait for the committer starts.
+    pub computed: Instant,
+}
+
+impl Work {
+    /// Change rows it carries (for bounding what waits for the committer).
+    pub(crate) fn rows(&self) -> usize {
+        match self {
+            Work::Stage(raw) => raw.iter().map(|(_, b)| b.num_rows()).sum(),
+            Work::Commit { batch, .. } => batch.rows,
+            Work::Progress(_) | Work::End => 0,
+        }
+    }
+
+    /// Can join a group commit: batches and progress, not the pieces of a large
+    /// transaction (their files are staged in order) nor the end.
+    pub(crate) fn groups(&self) -> bool {
+        matches!(self, Work::Commit { .. } | Work::Progress(_))
+    }
+
+    /// `self` then `next` as one work: the tables' rows side by side (each row keeps its
+    /// own `_lsn`), tagged with the later end LSN. Both must [`Work::groups`].
+    pub(crate) fn merge(self, next: Work) -> Work {
+        match (self, next) {
+            (Work::Progress(a), Work::Progress(b)) => Work::Progress(a.max(b)),
+            (
+                Work::Progress(lsn),
+                Work::Commit {
+                    raw,
+                    features,
+                    mut batch,
+                },
+            )
+            | (
+                Work::Commit {
+                    raw,
+                    features,
+                    mut batch,
+                },
+                Work::Progress(lsn),
+            ) => {
+                batch.end_lsn = batch.end_lsn.max(lsn);
+                Work::Commit {
+                    raw,
+                    features,
+                    batch,
+                }
+            }
+            (
+                Work::Commit {
+                    mut raw,
+                    mut features,
+                    batch: a,
+                },
+                Work::Commit {
+                    raw: more_raw,
+                    features: more_features,
+                    batch: b,
+                },
+            ) => {
+                extend_writes(&mut raw, more_raw);
+                extend_writes(&mut features, more_features);
+                let batch = BatchInfo {
+                    end_lsn: a.end_lsn.max(b.end_lsn),
+                    commit_ts_micros: a.commit_ts_micros.min(b.commit_ts_micros),
+                    transactions: a.transactions + b.transactions,
+                    rows: a.rows + b.rows,
+                    batches: a.batches + b.batches,
+                    first_received: a.first_received.min(b.first_received),
+                    compute: a.compute + b.compute,
+                    computed: a.computed.max(b.computed),
+                };
+                Work::Commit {
+                    raw,
+                    features,
+                    batch,
+                }
+            }
+            (a, _) => a,
+        }
+    }
+}
+
+/// Adds `more`'s rows to `writes`, table by table (one entry per table).
+fn extend_writes(writes: &mut Writes, more: Writes) {
+    for (path, rows) in more {
+        match writes.iter_mut().find(|(p, _)| *p == path) {
+            Some((_, have)) => have.extend(rows),
+            None => writes.push((path, rows)),
+        }
+    }
 }
 
 /// The apply-and-compute half (see the module doc).
@@ -78,6 +175,7 @@ impl<'a> Compute<'a> {
     /// Applies `batch` to state, computes and publishes the features it changes, and
     /// returns what must be written.
     pub(crate) async fn compute(&mut self, mut batch: ChangeBatch) -> Result<Work, RunError> {
+        let started = Instant::now();
         // Before anything reads the rows: the raw mirror and state get the full image.
         self.engine
             .state()
@@ -114,15 +212,22 @@ impl<'a> Compute<'a> {
                     metrics::histogram!(crate::metrics::COMMIT_TO_ONLINE)
                         .record(crate::metrics::since_commit(batch.commit_ts_micros));
                 }
+                let raw = raw_rows(self.schemas, &batch)
+                    .into_iter()
+                    .map(|(path, rows)| (path, vec![rows]))
+                    .collect();
                 Ok(Work::Commit {
-                    raw: raw_rows(self.schemas, &batch),
+                    raw,
                     features: feature_writes(features),
                     batch: BatchInfo {
                         end_lsn: batch.end_lsn,
                         commit_ts_micros: batch.commit_ts_micros,
                         transactions: batch.transactions,
                         rows: batch.rows,
+                        batches: 1,
                         first_received: batch.first_received,
+                        compute: started.elapsed(),
+                        computed: Instant::now(),
                     },
                 })
             }
@@ -178,8 +283,12 @@ impl<D: Destination + Sync> Committer<D> {
                 let staged = self.staged.take().map(|(s, _)| s).unwrap_or_default();
                 let mut writes: Writes = Vec::with_capacity(raw.len() + features.len());
                 for (path, rows) in raw {
-                    let rows = not_yet_committed(&rows, self.sink.resume_point().committed(&path))?;
-                    writes.push((path, vec![rows]));
+                    let committed = self.sink.resume_point().committed(&path);
+                    let rows = rows
+                        .iter()
+                        .map(|r| not_yet_committed(r, committed))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    writes.push((path, rows));
                 }
                 writes.extend(features);
                 self.sink

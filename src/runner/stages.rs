@@ -10,15 +10,20 @@ use crate::serve::{Online, Phase};
 use crate::sink::{DeltaSink, Destination, Lake, LakeTable, Maintainer, Mark, TableSpec};
 use crate::source::{self, ChangeStream, ConnInfo, SourceError, TableSchema};
 use pgwire_replication::ReplicationClient;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// How often the slot's retained WAL and lag are logged.
 const SLOT_HEALTH_EVERY: Duration = Duration::from_secs(30);
-/// Batches computed ahead of the one committing: the next batches are applied and
-/// served online while the Delta commits of earlier ones run.
+/// Change rows computed ahead of the commit running, in batches of `batch.max_rows`:
+/// the next batches are applied and served online while the Delta commits of earlier
+/// ones run, and the committer takes all that waits as one group commit.
 const COMPUTED_AHEAD: usize = 4;
+/// Works waiting for the committer, whatever their rows (read-your-writes fences make
+/// many small ones).
+const WORKS_AHEAD: usize = 4096;
 
 /// What one run of the stages works with: the source checked, the features planned,
 /// the lake opened.
@@ -206,7 +211,8 @@ impl<'a> Stages<'a> {
         // Stops this run's tasks only: the caller's token decides about a restart.
         let run_cancel = cancel.child_token();
         let (batch_tx, batch_rx) = mpsc::channel::<ChangeBatch>(1);
-        let (work_tx, work_rx) = mpsc::channel::<Work>(COMPUTED_AHEAD);
+        let (work_tx, work_rx) = mpsc::channel::<Queued>(WORKS_AHEAD);
+        let ahead = Arc::new(Semaphore::new(COMPUTED_AHEAD * batch.max_rows));
         let (ack_tx, ack_rx) = watch::channel(skip_through);
         let batcher = batch::run(
             stream,
@@ -223,7 +229,9 @@ impl<'a> Stages<'a> {
             tokio::spawn(fence::run(conn, online.clone(), run_cancel.clone()));
         }
         let compute = Compute::new(&self.engine, &self.schemas, self.online.as_ref());
-        let computed = self.compute_loop(compute, batch_rx, work_tx, summary).await;
+        let computed = self
+            .compute_loop(compute, batch_rx, work_tx, ahead, summary)
+            .await;
         // The committer finishes what was computed (it ends when `work_tx` is dropped),
         // or has failed already.
         let committed = committer
@@ -250,9 +258,11 @@ impl<'a> Stages<'a> {
         &self,
         mut compute: Compute<'_>,
         mut batches: mpsc::Receiver<ChangeBatch>,
-        works: mpsc::Sender<Work>,
+        works: mpsc::Sender<Queued>,
+        ahead: Arc<Semaphore>,
         summary: &mut RunSummary,
     ) -> Result<(), RunError> {
+        let most = COMPUTED_AHEAD * self.pipeline.config.batch.max_rows;
         let mut health = tokio::time::interval(SLOT_HEALTH_EVERY);
         loop {
             let batch = tokio::select! {
@@ -272,23 +282,55 @@ impl<'a> Stages<'a> {
             metrics::histogram!(crate::metrics::BATCH_SECONDS, "step" => "compute")
                 .record(started.elapsed().as_secs_f64());
             let end = matches!(work, Work::End);
-            if works.send(work).await.is_err() || end {
+            // Waits while the rows ahead of the committer are at the bound.
+            let rows = work.rows().min(most) as u32;
+            let Ok(permit) = ahead.clone().acquire_many_owned(rows).await else {
+                return Ok(());
+            };
+            if works.send((work, permit)).await.is_err() || end {
                 return Ok(());
             }
         }
     }
 }
 
+/// A computed work and its share of the rows allowed ahead of the committer.
+type Queued = (Work, OwnedSemaphorePermit);
+
 /// The commit half's loop: each work made durable in order, then its LSN handed back
-/// for the acknowledgement. Returns the batches committed and the last LSN; dropping
-/// `durable` on return tells the batcher to finish.
+/// for the acknowledgement. What queued up behind a commit is merged into one group
+/// commit, so that one commit per table carries many batches when they come faster than
+/// a commit takes. Returns the batches committed and the last LSN; dropping `durable` on
+/// return tells the batcher to finish.
 async fn commit_loop<D: Destination + Send + Sync>(
     mut committer: Committer<D>,
-    mut works: mpsc::Receiver<Work>,
+    mut works: mpsc::Receiver<Queued>,
     durable: watch::Sender<Lsn>,
 ) -> Result<(usize, Lsn), RunError> {
     let (mut batches, mut last) = (0, Lsn::ZERO);
-    while let Some(work) = works.recv().await {
+    let mut held: Option<Queued> = None;
+    loop {
+        let next = match held.take() {
+            Some(queued) => Some(queued),
+            None => works.recv().await,
+        };
+        let Some((mut work, permit)) = next else {
+            break;
+        };
+        let mut permits = vec![permit];
+        while work.groups() {
+            match works.try_recv() {
+                Ok((next, p)) if next.groups() => {
+                    work = work.merge(next);
+                    permits.push(p);
+                }
+                Ok(other) => {
+                    held = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
         let info: Option<BatchInfo> = match &work {
             Work::Commit { batch, .. } => Some(*batch),
             _ => None,
@@ -297,18 +339,22 @@ async fn commit_loop<D: Destination + Send + Sync>(
         let Some(lsn) = committer.commit(work).await? else {
             continue;
         };
+        drop(permits);
         crate::fault::crash_point("before_ack");
         let _ = durable.send(lsn);
         last = lsn;
         metrics::gauge!(crate::metrics::DURABLE_LSN).set(lsn.as_u64() as f64);
         let Some(b) = info else { continue };
-        batches += 1;
-        metrics::counter!(crate::metrics::BATCHES).increment(1);
+        batches += b.batches;
+        metrics::counter!(crate::metrics::BATCHES).increment(b.batches as u64);
         metrics::histogram!(crate::metrics::BATCH_ROWS).record(b.rows as f64);
         metrics::histogram!(crate::metrics::BATCH_SECONDS, "step" => "commit")
             .record(started.elapsed().as_secs_f64());
-        tracing::info!(txns = b.transactions, rows = b.rows, end_lsn = %lsn,
-            latency_ms = b.first_received.elapsed().as_secs_f64() * 1000.0, "batch committed");
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::info!(txns = b.transactions, rows = b.rows, batches = b.batches, end_lsn = %lsn,
+            compute_ms = ms(b.compute), queue_ms = ms(started.duration_since(b.computed)),
+            commit_ms = ms(started.elapsed()),
+            latency_ms = ms(b.first_received.elapsed()), "batch committed");
     }
     Ok((batches, last))
 }
