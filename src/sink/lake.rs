@@ -153,18 +153,12 @@ impl Lake {
         let builder = DeltaTableBuilder::from_url(url.clone())
             .map_err(derr)?
             .with_storage_options(self.options.clone());
-        let builder = if self.is_local() || crate::fault::enabled() {
-            let mut store = self.root_store(&url).map_err(derr)?;
-            if crate::fault::enabled() {
-                store = Arc::new(crate::fault::FaultyStore::new(store));
-            }
-            if self.is_local() {
-                store = Arc::new(super::local_list::LocalLogList::new(store));
-            }
-            builder.with_storage_backend(store, url)
-        } else {
-            builder
-        };
+        let mut store = self.root_store(&url).map_err(derr)?;
+        if crate::fault::enabled() {
+            store = Arc::new(crate::fault::FaultyStore::new(store));
+        }
+        let store = Arc::new(super::log_probe::LogProbe::new(store));
+        let builder = builder.with_storage_backend(store, url);
         let mut table = builder.build().map_err(derr)?;
         match table.load().await {
             // A table not created yet: returned uninitialised, for the caller to create.

@@ -16,7 +16,7 @@ mod compact;
 mod delta;
 mod lake;
 mod layout;
-mod local_list;
+mod log_probe;
 mod maintain;
 #[cfg(test)]
 pub(crate) mod memory;
