@@ -157,7 +157,7 @@ impl Lake {
         if crate::fault::enabled() {
             store = Arc::new(crate::fault::FaultyStore::new(store));
         }
-        let store = Arc::new(super::log_probe::LogProbe::new(store));
+        let store = Arc::new(super::log_probe::LogProbe::new(store, self.is_local()));
         let builder = builder.with_storage_backend(store, url);
         let mut table = builder.build().map_err(derr)?;
         match table.load().await {

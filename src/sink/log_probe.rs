@@ -3,28 +3,93 @@
 //! "every entry after version N". A listing costs as much as the log has entries: the
 //! local store walks the directory and reads every file's metadata, an S3 server pages
 //! through the keys (s3s-fs reads the whole directory), and at a commit every 200 ms with
-//! 10 minutes of log retention a table keeps thousands. The entries after a version are
-//! instead found by name (a few `head`s), and anything else goes to the wrapped store.
+//! 10 minutes of log retention a table keeps thousands. When a version or two follow the
+//! offset (the writer asking for the latest version), they are found by name with a few
+//! `head`s; longer ranges (a snapshot update lists from its checkpoint on) are listed,
+//! on a local lake by one `read_dir` that reads metadata only for the entries after the
+//! offset. Anything else goes to the wrapped store.
 
 use deltalake::logstore::object_store::ObjectStoreExt;
 use deltalake::logstore::object_store::{
-    self, path::Path, CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta,
-    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions,
+    self, local::LocalFileSystem, path::Path, CopyOptions, GetOptions, GetResult, ListResult,
+    MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload,
+    PutResult, RenameOptions,
 };
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use std::sync::Arc;
 
+/// Versions probed by name before a listing is cheaper: the writer's "latest version"
+/// asks about one or two; a snapshot update lists everything since its checkpoint.
+const MOST_PROBED: u64 = 2;
+
 /// Wraps the root store of a lake (see the module doc).
 #[derive(Debug)]
 pub(crate) struct LogProbe {
     inner: Arc<dyn ObjectStore>,
+    /// On a local lake, maps object paths to directories for a listing by `read_dir`.
+    local: Option<LocalFileSystem>,
 }
 
 impl LogProbe {
-    pub(crate) fn new(inner: Arc<dyn ObjectStore>) -> LogProbe {
-        LogProbe { inner }
+    pub(crate) fn new(inner: Arc<dyn ObjectStore>, local: bool) -> LogProbe {
+        LogProbe {
+            inner,
+            local: local.then(LocalFileSystem::new),
+        }
     }
+}
+
+fn io_error(e: std::io::Error) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "LogProbe",
+        source: Box::new(e),
+    }
+}
+
+/// The files directly in `dir` (as `prefix`) whose path sorts after `offset`: one
+/// `read_dir` filtered by name before any metadata is read (the local store's listing
+/// reads every file's). Skips `object_store`'s in-flight staging files (`name#n`).
+fn read_after(
+    dir: &std::path::Path,
+    prefix: &Path,
+    offset: &Path,
+) -> object_store::Result<Vec<ObjectMeta>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_error)?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str().filter(|n| !n.contains('#')) else {
+            continue;
+        };
+        let location = prefix.clone().join(name);
+        if location.as_ref() <= offset.as_ref() {
+            continue;
+        }
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            // Deleted by log cleanup since the read_dir.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error(e)),
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        out.push(ObjectMeta {
+            location,
+            last_modified: meta.modified().map_err(io_error)?.into(),
+            size: meta.len(),
+            e_tag: None,
+            version: None,
+        });
+    }
+    out.sort_by(|a, b| a.location.cmp(&b.location));
+    Ok(out)
 }
 
 impl std::fmt::Display for LogProbe {
@@ -46,7 +111,8 @@ async fn head(store: &dyn ObjectStore, location: Path) -> object_store::Result<O
 /// commits `{v}.json` and checkpoints `{v}.checkpoint.parquet` (delta-rs writes
 /// single-file ones) from the offset's version on, then `_last_checkpoint`; versions are
 /// consecutive, so the first missing commit ends the log. `None` (list instead) when the
-/// offset names no version, or nothing is found at it (a version older than the log).
+/// offset names no version, nothing is found at it (a version older than the log), or
+/// more than [`MOST_PROBED`] versions follow it.
 async fn probe_after(
     store: &dyn ObjectStore,
     prefix: &Path,
@@ -78,6 +144,9 @@ async fn probe_after(
                 return Ok(None);
             }
             break;
+        }
+        if v - first >= MOST_PROBED {
+            return Ok(None);
         }
     }
     out.extend(head(store, at("_last_checkpoint".into())).await?);
@@ -132,15 +201,26 @@ impl ObjectStore for LogProbe {
             return self.inner.list_with_offset(prefix, offset);
         };
         let (inner, log, offset) = (self.inner.clone(), log.clone(), offset.clone());
+        let dir = self
+            .local
+            .as_ref()
+            .and_then(|fs| fs.path_to_filesystem(&log).ok());
         futures::stream::once(async move {
             let metas = match probe_after(inner.as_ref(), &log, &offset).await? {
                 Some(found) => found,
-                None => {
-                    inner
-                        .list_with_offset(Some(&log), &offset)
-                        .try_collect()
-                        .await?
-                }
+                None => match dir {
+                    Some(dir) => {
+                        tokio::task::spawn_blocking(move || read_after(&dir, &log, &offset))
+                            .await
+                            .map_err(|e| io_error(std::io::Error::other(e)))??
+                    }
+                    None => {
+                        inner
+                            .list_with_offset(Some(&log), &offset)
+                            .try_collect()
+                            .await?
+                    }
+                },
             };
             Ok::<_, object_store::Error>(futures::stream::iter(metas.into_iter().map(Ok)))
         })
@@ -174,7 +254,6 @@ impl ObjectStore for LogProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use deltalake::logstore::object_store::local::LocalFileSystem;
 
     async fn both(
         fast: &LogProbe,
@@ -216,7 +295,7 @@ mod tests {
         std::fs::write(log.join("_last_checkpoint"), "{}").unwrap();
         std::fs::write(log.join("00000000000000000008.json#1"), "x").unwrap();
         let local: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
-        let fast = LogProbe::new(local.clone());
+        let fast = LogProbe::new(local.clone(), true);
         let prefix = Path::from_filesystem_path(&log).unwrap();
         // By name: from a commit file, and from a bare version (as the kernel asks).
         for offset in [
