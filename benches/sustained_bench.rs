@@ -464,26 +464,35 @@ fn report_lines(log: &str, needle: &str, started: Instant, label: &str) {
     }
 }
 
-/// `table maintenance` lines: how often and how long, per table.
+/// The maintainer's lines (compaction rewrites, checkpoints, vacuums): how often and
+/// how long, per table and task.
 fn report_maintenance(log: &str) {
+    const TASKS: [(&str, &str); 4] = [
+        ("compaction rewritten", "compact"),
+        ("checkpoint written", "checkpoint"),
+        ("files_vacuumed", "vacuum"),
+        ("table maintenance", "maintain"),
+    ];
     let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for line in log.lines().filter(|l| l.contains("table maintenance")) {
+    for line in log.lines() {
+        let Some((_, task)) = TASKS.iter().find(|(needle, _)| line.contains(needle)) else {
+            continue;
+        };
         let table = line
             .split_whitespace()
             .find_map(|kv| kv.strip_prefix("table="))
-            .unwrap_or("?")
-            .to_string();
+            .unwrap_or("?");
         if let Some(ms) = fields(line).get("elapsed_ms") {
-            by.entry(table).or_default().push(*ms);
+            by.entry(format!("{table} {task}")).or_default().push(*ms);
         }
     }
     if by.is_empty() {
         println!("maintenance: none logged");
     }
-    for (table, mut xs) in by {
+    for (what, mut xs) in by {
         xs.sort_by(f64::total_cmp);
         println!(
-            "maintenance {table}: {} runs, p50 {:.0} ms, max {:.0}",
+            "maintenance {what}: {} runs, p50 {:.0} ms, max {:.0}",
             xs.len(),
             percentile(&xs, 0.5),
             xs.last().copied().unwrap_or(f64::NAN)
