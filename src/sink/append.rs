@@ -21,10 +21,10 @@ use std::time::Instant;
 /// The table after an append.
 pub(super) struct Appended {
     pub table: DeltaTable,
-    /// The data files it added, relative to the table, and its log version (all fsynced
-    /// on a local lake); `None` when the commit went through delta-rs' own path (a
-    /// schema change), which does not say: then the caller syncs the filesystem.
-    pub files: Option<(Vec<String>, u64)>,
+    /// Its files and log entry are fsynced (on a local lake); `false` when the commit
+    /// went through delta-rs' own path (a schema change), which does not say what it
+    /// wrote: then the caller syncs the filesystem.
+    pub synced: bool,
 }
 
 /// The table's files and options for an append's Parquet.
@@ -74,9 +74,9 @@ pub(super) async fn append(
         Some(w) => w,
         None => writer_for(&table).map_err(derr)?,
     };
+    // `DeltaSink::prepare` conformed the batches to the lake's types already.
     for b in batches {
-        let conformed = staged::conform(&writer, path, &b)?;
-        staged::write_conformed(&mut writer, evolves, conformed)
+        staged::write_conformed(&mut writer, evolves, b)
             .await
             .map_err(derr)?;
     }
@@ -85,7 +85,10 @@ pub(super) async fn append(
         // A source column was added: delta-rs' own commit writes the new schema with it.
         let mut writer = writer.with_commit_properties(properties);
         writer.flush_and_commit(&mut table).await.map_err(derr)?;
-        return Ok(Appended { table, files: None });
+        return Ok(Appended {
+            table,
+            synced: false,
+        });
     }
     let adds = writer.flush().await.map_err(derr)?;
     let files: Vec<String> = adds.iter().map(|a| a.path.clone()).collect();
@@ -142,6 +145,6 @@ pub(super) async fn append(
         snapshot_ms = snapshot.as_secs_f64() * 1e3, "delta commit");
     Ok(Appended {
         table,
-        files: Some((files, version)),
+        synced: true,
     })
 }

@@ -418,7 +418,7 @@ async fn commit_table(
             };
             append::append(table, batches, writer, commit_properties, target)
                 .await
-                .map(|a| (a.table, a.files.is_some()))
+                .map(|a| (a.table, a.synced))
         }
         CommitKind::Replace => {
             let (mode, schema_mode) = match props.evolves {
