@@ -2,6 +2,8 @@
 //! plus the storage options handed to delta-rs. Every table the pipeline or a reader opens
 //! goes through here, so local and S3 lakes share one code path.
 
+use super::log_cache::LogCache;
+use super::log_probe::LogProbe;
 use super::{LakeTable, Mark, SinkError};
 use deltalake::logstore::object_store::ObjectStoreExt;
 use deltalake::logstore::{object_store_factories, ObjectStoreRef, StorageConfig};
@@ -15,6 +17,8 @@ pub struct Lake {
     root: Url,
     /// Passed to delta-rs/object_store as is; may hold secrets, so never logged.
     options: HashMap<String, String>,
+    /// The log commits seen by every table opened through this lake (and its clones).
+    log_cache: Arc<LogCache>,
 }
 
 impl std::fmt::Debug for Lake {
@@ -57,7 +61,11 @@ impl Lake {
             .filter(|(_, v)| !v.is_empty())
             .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
             .collect();
-        Ok(Lake { root, options })
+        Ok(Lake {
+            root,
+            options,
+            log_cache: Arc::default(),
+        })
     }
 
     pub fn root(&self) -> &Url {
@@ -157,7 +165,11 @@ impl Lake {
         if crate::fault::enabled() {
             store = Arc::new(crate::fault::FaultyStore::new(store));
         }
-        let store = Arc::new(super::log_probe::LogProbe::new(store, self.is_local()));
+        let store = Arc::new(LogProbe::new(
+            store,
+            self.is_local(),
+            self.log_cache.clone(),
+        ));
         let builder = builder.with_storage_backend(store, url);
         let mut table = builder.build().map_err(derr)?;
         match table.load().await {

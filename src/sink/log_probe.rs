@@ -1,14 +1,15 @@
-//! Listing a table's `_delta_log` from a version on, by name. A commit lists the log
-//! twice (the latest version before writing, then the snapshot update after), each time
-//! "every entry after version N". A listing costs as much as the log has entries: the
-//! local store walks the directory and reads every file's metadata, an S3 server pages
-//! through the keys (s3s-fs reads the whole directory), and at a commit every 200 ms with
-//! 10 minutes of log retention a table keeps thousands. When a version or two follow the
-//! offset (the writer asking for the latest version), they are found by name with a few
-//! `head`s; longer ranges (a snapshot update lists from its checkpoint on) are listed,
-//! on a local lake by one `read_dir` that reads metadata only for the entries after the
-//! offset. Anything else goes to the wrapped store.
+//! Listing a table's `_delta_log` from a version on, without listing it. A commit lists
+//! the log twice (the latest version before writing, then the snapshot update after),
+//! each time "every entry after version N", where N is the writer's version or its
+//! snapshot's checkpoint. A listing costs as much as the log has entries (the local store
+//! reads every file's metadata) or more (s3s-fs walks the whole bucket), and a table
+//! committed every 200 ms with minutes of log retention keeps thousands. After the newest
+//! checkpoint the log is answered from the commits this lake has seen ([`LogCache`]) plus
+//! those found by name after them; at or before it (a table load, or the window until
+//! the writer continues from a new checkpoint) the log is listed: on a local lake by one
+//! `read_dir` that reads metadata only for the entries after the offset.
 
+use super::log_cache::LogCache;
 use deltalake::logstore::object_store::ObjectStoreExt;
 use deltalake::logstore::object_store::{
     self, local::LocalFileSystem, path::Path, CopyOptions, GetOptions, GetResult, ListResult,
@@ -19,23 +20,22 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use std::sync::Arc;
 
-/// Versions probed by name before a listing is cheaper: the writer's "latest version"
-/// asks about one or two; a snapshot update lists everything since its checkpoint.
-const MOST_PROBED: u64 = 2;
-
 /// Wraps the root store of a lake (see the module doc).
 #[derive(Debug)]
 pub(crate) struct LogProbe {
     inner: Arc<dyn ObjectStore>,
     /// On a local lake, maps object paths to directories for a listing by `read_dir`.
     local: Option<LocalFileSystem>,
+    /// Shared by every table the lake opens.
+    cache: Arc<LogCache>,
 }
 
 impl LogProbe {
-    pub(crate) fn new(inner: Arc<dyn ObjectStore>, local: bool) -> LogProbe {
+    pub(crate) fn new(inner: Arc<dyn ObjectStore>, local: bool, cache: Arc<LogCache>) -> LogProbe {
         LogProbe {
             inner,
             local: local.then(LocalFileSystem::new),
+            cache,
         }
     }
 }
@@ -107,51 +107,112 @@ async fn head(store: &dyn ObjectStore, location: Path) -> object_store::Result<O
     }
 }
 
-/// What this pipeline's tables hold in the log `prefix` after `offset`, found by name:
-/// commits `{v}.json` and checkpoints `{v}.checkpoint.parquet` (delta-rs writes
-/// single-file ones) from the offset's version on, then `_last_checkpoint`; versions are
-/// consecutive, so the first missing commit ends the log. `None` (list instead) when the
-/// offset names no version, nothing is found at it (a version older than the log), or
-/// more than [`MOST_PROBED`] versions follow it.
-async fn probe_after(
+/// The entries after `offset` in `log`, when it lies at or after the newest checkpoint
+/// (which `_last_checkpoint` names): that checkpoint if the offset is its version (a
+/// table load), the cached commits from the offset's version on, the ones after them
+/// found by name until one is missing, and `_last_checkpoint`. `None` (list instead) when
+/// the offset names no version, lies before the newest checkpoint (where cleanup may be
+/// deleting), follows no commit this lake has seen, or the newest cached commit has
+/// changed (the table was made again).
+async fn cached_after(
     store: &dyn ObjectStore,
-    prefix: &Path,
+    cache: &LogCache,
+    log: &Path,
     offset: &Path,
 ) -> object_store::Result<Option<Vec<ObjectMeta>>> {
-    let name = offset.filename().unwrap_or_default();
-    let digits = name
-        .get(..20)
+    let digits = offset
+        .filename()
+        .and_then(|name| name.get(..20))
         .filter(|d| d.bytes().all(|b| b.is_ascii_digit()));
     let Some(first) = digits.and_then(|d| d.parse::<u64>().ok()) else {
         return Ok(None);
     };
-    let at = |file: String| prefix.clone().join(file.as_str());
-    let mut out = Vec::new();
-    for v in first.. {
-        let (commit, checkpoint) = futures::try_join!(
-            head(store, at(format!("{v:020}.json"))),
-            head(store, at(format!("{v:020}.checkpoint.parquet"))),
-        )?;
-        let found = commit.is_some();
-        out.extend(
-            [checkpoint, commit]
-                .into_iter()
-                .flatten()
-                .filter(|m| m.location.as_ref() > offset.as_ref()),
-        );
-        if !found {
-            if v == first {
-                return Ok(None);
-            }
-            break;
+    let at = |file: String| log.clone().join(file.as_str());
+    let (hint, checkpointed) = read_last_checkpoint(store, at("_last_checkpoint".into())).await?;
+    if let Some(checkpoint) = checkpointed {
+        if first < checkpoint {
+            return Ok(None);
         }
-        if v - first >= MOST_PROBED {
+        cache.forget_before(log, checkpoint);
+    }
+    let run = cache.run_from(log, first);
+    if run.is_empty() && !first.checked_sub(1).is_some_and(|v| cache.knows(log, v)) {
+        // Nothing seen here yet: how many versions follow is unknown, so list once.
+        return Ok(None);
+    }
+    if let Some(last) = run.last() {
+        // Commits are immutable, but a table can be deleted and made again at the same
+        // path: the newest cached one must still be the file it was (to the second, the
+        // precision an S3 HEAD gives), else this log is forgotten and listed.
+        let same = |now: &ObjectMeta| {
+            now.size == last.size && now.last_modified.timestamp() == last.last_modified.timestamp()
+        };
+        if !head(store, last.location.clone())
+            .await?
+            .is_some_and(|now| same(&now))
+        {
+            cache.forget_log(log);
             return Ok(None);
         }
     }
-    out.extend(head(store, at("_last_checkpoint".into())).await?);
-    out.sort_by(|a, b| a.location.cmp(&b.location));
-    Ok(Some(out))
+    let mut next = first + run.len() as u64;
+    let mut found = Vec::with_capacity(run.len() + 2);
+    if checkpointed == Some(first) {
+        // A table load from the checkpoint: its file first (a multi-part one is listed).
+        match head(store, at(format!("{first:020}.checkpoint.parquet"))).await? {
+            Some(meta) => found.push(meta),
+            None => return Ok(None),
+        }
+    }
+    found.extend(run);
+    while let Some(meta) = head(store, at(format!("{next:020}.json"))).await? {
+        cache.remember(log, [&meta]);
+        found.push(meta);
+        next += 1;
+    }
+    found.retain(|m| m.location.as_ref() > offset.as_ref());
+    found.extend(hint);
+    found.sort_by(|a, b| a.location.cmp(&b.location));
+    Ok(Some(found))
+}
+
+/// `_last_checkpoint`'s metadata and the version it names, if it is there. An unreadable
+/// one (being replaced) names no version before any: every offset is then listed.
+async fn read_last_checkpoint(
+    store: &dyn ObjectStore,
+    location: Path,
+) -> object_store::Result<(Option<ObjectMeta>, Option<u64>)> {
+    let got = match store.get(&location).await {
+        Ok(got) => got,
+        Err(object_store::Error::NotFound { .. }) => return Ok((None, None)),
+        Err(e) => return Err(e),
+    };
+    let meta = got.meta.clone();
+    let bytes = got.bytes().await?;
+    let version = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("version")?.as_u64());
+    Ok((Some(meta), Some(version.unwrap_or(u64::MAX))))
+}
+
+/// Every entry after `offset` in `log`, listed: on a local lake (`dir`) by `read_dir`.
+async fn list_after(
+    store: Arc<dyn ObjectStore>,
+    dir: Option<std::path::PathBuf>,
+    log: Path,
+    offset: Path,
+) -> object_store::Result<Vec<ObjectMeta>> {
+    match dir {
+        Some(dir) => tokio::task::spawn_blocking(move || read_after(&dir, &log, &offset))
+            .await
+            .map_err(|e| io_error(std::io::Error::other(e)))?,
+        None => {
+            store
+                .list_with_offset(Some(&log), &offset)
+                .try_collect()
+                .await
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -185,7 +246,11 @@ impl ObjectStore for LogProbe {
         &self,
         locations: BoxStream<'static, object_store::Result<Path>>,
     ) -> BoxStream<'static, object_store::Result<Path>> {
-        self.inner.delete_stream(locations)
+        let cache = self.cache.clone();
+        self.inner
+            .delete_stream(locations)
+            .inspect_ok(move |deleted| cache.forget(deleted))
+            .boxed()
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
@@ -201,26 +266,19 @@ impl ObjectStore for LogProbe {
             return self.inner.list_with_offset(prefix, offset);
         };
         let (inner, log, offset) = (self.inner.clone(), log.clone(), offset.clone());
+        let cache = self.cache.clone();
         let dir = self
             .local
             .as_ref()
             .and_then(|fs| fs.path_to_filesystem(&log).ok());
         futures::stream::once(async move {
-            let metas = match probe_after(inner.as_ref(), &log, &offset).await? {
+            let metas = match cached_after(inner.as_ref(), &cache, &log, &offset).await? {
                 Some(found) => found,
-                None => match dir {
-                    Some(dir) => {
-                        tokio::task::spawn_blocking(move || read_after(&dir, &log, &offset))
-                            .await
-                            .map_err(|e| io_error(std::io::Error::other(e)))??
-                    }
-                    None => {
-                        inner
-                            .list_with_offset(Some(&log), &offset)
-                            .try_collect()
-                            .await?
-                    }
-                },
+                None => {
+                    let listed = list_after(inner, dir, log.clone(), offset).await?;
+                    cache.remember(&log, &listed);
+                    listed
+                }
             };
             Ok::<_, object_store::Error>(futures::stream::iter(metas.into_iter().map(Ok)))
         })
@@ -282,6 +340,10 @@ mod tests {
         (names(got), names(want))
     }
 
+    fn write(log: &std::path::Path, name: &str, body: &str) {
+        std::fs::write(log.join(name), body).unwrap();
+    }
+
     #[tokio::test]
     async fn lists_the_log_after_an_offset_like_the_local_store() {
         let dir = tempfile::tempdir().unwrap();
@@ -289,33 +351,123 @@ mod tests {
         std::fs::create_dir_all(log.join("_staged")).unwrap();
         // Versions 3..=7 (0..=2 cleaned up), a checkpoint at 5, an in-flight staging file.
         for v in 3..8u64 {
-            std::fs::write(log.join(format!("{v:020}.json")), "{}").unwrap();
+            write(&log, &format!("{v:020}.json"), "{}");
         }
-        std::fs::write(log.join("00000000000000000005.checkpoint.parquet"), "x").unwrap();
-        std::fs::write(log.join("_last_checkpoint"), "{}").unwrap();
-        std::fs::write(log.join("00000000000000000008.json#1"), "x").unwrap();
+        write(&log, "00000000000000000005.checkpoint.parquet", "x");
+        write(&log, "_last_checkpoint", r#"{"version":5,"size":3}"#);
+        write(&log, "00000000000000000008.json#1", "x");
         let local: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
-        let fast = LogProbe::new(local.clone(), true);
+        let fast = LogProbe::new(local.clone(), true, Arc::default());
         let prefix = Path::from_filesystem_path(&log).unwrap();
-        // By name: from a commit file, and from a bare version (as the kernel asks).
+        // Listed at or before the checkpoint, from the cache and by name after it; from a
+        // commit file, and from a bare version (as the kernel asks).
         for offset in [
             "00000000000000000004.json",
             "00000000000000000005",
+            "00000000000000000006",
             "00000000000000000007.json",
         ] {
             let (got, want) = both(&fast, &local, &prefix, offset).await;
             assert_eq!(got, want, "after {offset}");
         }
-        let (got, _) = both(&fast, &local, &prefix, "00000000000000000004.json").await;
-        assert_eq!(
-            got.len(),
-            5,
-            "5.json, 5.checkpoint, 6, 7, _last_checkpoint: {got:?}"
-        );
+        let (got, _) = both(&fast, &local, &prefix, "00000000000000000006").await;
+        assert_eq!(got.len(), 3, "6, 7, _last_checkpoint: {got:?}");
+        // A commit written since is found by name.
+        write(&log, "00000000000000000008.json", "{}");
+        let (got, want) = both(&fast, &local, &prefix, "00000000000000000007.json").await;
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 2, "8, _last_checkpoint: {got:?}");
         // Before the log (cleaned versions) or not a version: the whole directory is read.
         for offset in ["00000000000000000001.json", "_a"] {
             let (got, want) = both(&fast, &local, &prefix, offset).await;
             assert_eq!(got, want, "after {offset}");
         }
+    }
+
+    #[tokio::test]
+    async fn commits_after_the_checkpoint_come_from_the_cache_until_deleted_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("_delta_log");
+        std::fs::create_dir_all(&log).unwrap();
+        for v in 0..4u64 {
+            write(&log, &format!("{v:020}.json"), "{}");
+        }
+        let local: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
+        let fast = LogProbe::new(local.clone(), true, Arc::default());
+        let prefix = Path::from_filesystem_path(&log).unwrap();
+        let (got, want) = both(&fast, &local, &prefix, "00000000000000000001").await;
+        assert_eq!((got.len(), &got), (3, &want));
+        // Seen once, a commit is not looked up again: one removed behind the lake's back
+        // (which Delta never does after the newest checkpoint) is still answered.
+        std::fs::remove_file(log.join("00000000000000000001.json")).unwrap();
+        let (got, _) = both(&fast, &local, &prefix, "00000000000000000001").await;
+        assert_eq!(got.len(), 3, "1, 2, 3 from the cache: {got:?}");
+        // Deleted through the lake, it is forgotten: the run stops before it.
+        let three = prefix.clone().join("00000000000000000003.json");
+        fast.delete(&three).await.unwrap();
+        let (got, _) = both(&fast, &local, &prefix, "00000000000000000001").await;
+        assert_eq!(got.len(), 2, "1, 2: {got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_table_made_again_at_the_same_path_is_listed_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("_delta_log");
+        std::fs::create_dir_all(&log).unwrap();
+        for v in 0..6u64 {
+            write(&log, &format!("{v:020}.json"), "{}");
+        }
+        let local: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
+        let fast = LogProbe::new(local.clone(), true, Arc::default());
+        let prefix = Path::from_filesystem_path(&log).unwrap();
+        let (got, _) = both(&fast, &local, &prefix, "00000000000000000001").await;
+        assert_eq!(got.len(), 5);
+        // Deleted behind the lake's back and made again, shorter, then longer.
+        std::fs::remove_dir_all(&log).unwrap();
+        std::fs::create_dir_all(&log).unwrap();
+        for v in 0..3u64 {
+            write(&log, &format!("{v:020}.json"), "{}");
+        }
+        let (got, want) = both(&fast, &local, &prefix, "00000000000000000001").await;
+        assert_eq!((got.len(), &got), (2, &want));
+        for v in 3..6u64 {
+            write(&log, &format!("{v:020}.json"), "{\"again\":1}");
+        }
+        let (got, want) = both(&fast, &local, &prefix, "00000000000000000001").await;
+        assert_eq!((got.len(), &got), (5, &want));
+        let sizes: Vec<u64> = fast
+            .list_with_offset(Some(&prefix), &prefix.clone().join("00000000000000000004"))
+            .map_ok(|m| m.size)
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(sizes, [11, 11], "4 and 5 as made again");
+    }
+
+    #[tokio::test]
+    async fn a_gap_left_by_a_running_log_cleanup_is_listed_not_taken_for_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("_delta_log");
+        std::fs::create_dir_all(&log).unwrap();
+        // A cleanup after the checkpoint at 10 has deleted 0 and 2 but not yet 1.
+        for v in [1u64, 10, 11] {
+            write(&log, &format!("{v:020}.json"), "{}");
+        }
+        write(&log, "00000000000000000010.checkpoint.parquet", "x");
+        write(&log, "_last_checkpoint", r#"{"version":10,"size":3}"#);
+        let local: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
+        let fast = LogProbe::new(local.clone(), true, Arc::default());
+        let prefix = Path::from_filesystem_path(&log).unwrap();
+        let (got, want) = both(&fast, &local, &prefix, "00000000000000000001").await;
+        assert_eq!(got, want);
+        assert_eq!(
+            got.len(),
+            5,
+            "1, 10.checkpoint, 10, 11, _last_checkpoint: {got:?}"
+        );
+        // An unreadable `_last_checkpoint` (being replaced) lists too.
+        write(&log, "_last_checkpoint", "{\"vers");
+        let (got, want) = both(&fast, &local, &prefix, "00000000000000000011").await;
+        assert_eq!(got, want);
     }
 }

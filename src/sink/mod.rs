@@ -16,6 +16,7 @@ mod compact;
 mod delta;
 mod lake;
 mod layout;
+mod log_cache;
 mod log_probe;
 mod maintain;
 #[cfg(test)]
