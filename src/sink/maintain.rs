@@ -209,6 +209,12 @@ async fn maintain_due(
         deltalake::checkpoints::create_checkpoint(&t.table, None)
             .await
             .map_err(derr)?;
+        // The writer continues from a table read from this checkpoint: a snapshot that
+        // only ever grows by each commit gets slower to move forward. Offered before the
+        // cleanup so that the writer's snapshot updates list the log (from its old
+        // checkpoint) for as few commits as possible.
+        let fresh = lake.existing_table(path).await?;
+        folds.offer_fresh(path, fresh);
         // The configured retention rather than the table's property, so that tables
         // created before it was set follow it too.
         let cutoff = chrono::Utc::now().timestamp_millis()
@@ -221,10 +227,6 @@ async fn maintain_due(
         )
         .await
         .map_err(derr)?;
-        // The writer continues from a table read from this checkpoint: a snapshot that
-        // only ever grows by each commit gets slower to move forward.
-        let fresh = lake.existing_table(path).await?;
-        folds.offer_fresh(path, fresh);
         metrics::histogram!(crate::metrics::MAINTENANCE_SECONDS, "task" => "checkpoint")
             .record(started.elapsed().as_secs_f64());
         tracing::info!(table = %path, checkpoint_version = version, logs_cleaned = cleaned,
