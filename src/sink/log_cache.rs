@@ -16,13 +16,19 @@ pub(crate) struct LogCache {
     logs: Mutex<HashMap<Path, BTreeMap<u64, ObjectMeta>>>,
 }
 
+/// The version a log file name starts with (`{version:020}…`, as every commit and
+/// checkpoint does, and as the kernel names the version it lists from).
+pub(crate) fn leading_version(name: &str) -> Option<u64> {
+    name.get(..20)
+        .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))?
+        .parse()
+        .ok()
+}
+
 /// The version of a commit file `{version:020}.json` directly in a `_delta_log`.
-pub(crate) fn commit_version(location: &Path) -> Option<u64> {
+fn commit_version(location: &Path) -> Option<u64> {
     let name = location.filename()?;
-    let digits = name.strip_suffix(".json")?;
-    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| digits.parse().ok())
-        .flatten()
+    leading_version(name).filter(|_| name.len() == 25 && name.ends_with(".json"))
 }
 
 impl LogCache {

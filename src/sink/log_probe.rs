@@ -9,7 +9,7 @@
 //! the writer continues from a new checkpoint) the log is listed: on a local lake by one
 //! `read_dir` that reads metadata only for the entries after the offset.
 
-use super::log_cache::LogCache;
+use super::log_cache::{leading_version, LogCache};
 use deltalake::logstore::object_store::ObjectStoreExt;
 use deltalake::logstore::object_store::{
     self, local::LocalFileSystem, path::Path, CopyOptions, GetOptions, GetResult, ListResult,
@@ -120,11 +120,7 @@ async fn cached_after(
     log: &Path,
     offset: &Path,
 ) -> object_store::Result<Option<Vec<ObjectMeta>>> {
-    let digits = offset
-        .filename()
-        .and_then(|name| name.get(..20))
-        .filter(|d| d.bytes().all(|b| b.is_ascii_digit()));
-    let Some(first) = digits.and_then(|d| d.parse::<u64>().ok()) else {
+    let Some(first) = offset.filename().and_then(leading_version) else {
         return Ok(None);
     };
     let at = |file: String| log.clone().join(file.as_str());
@@ -344,21 +340,50 @@ mod tests {
         std::fs::write(log.join(name), body).unwrap();
     }
 
+    fn write_commits(log: &std::path::Path, versions: impl IntoIterator<Item = u64>) {
+        for v in versions {
+            write(log, &format!("{v:020}.json"), "{}");
+        }
+    }
+
+    /// A `_delta_log` directory, the local store and a probe with its own cache on it.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        log: std::path::PathBuf,
+        local: Arc<dyn ObjectStore>,
+        fast: LogProbe,
+        prefix: Path,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("_delta_log");
+        std::fs::create_dir_all(&log).unwrap();
+        let local: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
+        Fixture {
+            fast: LogProbe::new(local.clone(), true, Arc::default()),
+            prefix: Path::from_filesystem_path(&log).unwrap(),
+            _dir: dir,
+            log,
+            local,
+        }
+    }
+
     #[tokio::test]
     async fn lists_the_log_after_an_offset_like_the_local_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("t").join("_delta_log");
+        let Fixture {
+            _dir,
+            log,
+            local,
+            fast,
+            prefix,
+        } = fixture();
         std::fs::create_dir_all(log.join("_staged")).unwrap();
         // Versions 3..=7 (0..=2 cleaned up), a checkpoint at 5, an in-flight staging file.
-        for v in 3..8u64 {
-            write(&log, &format!("{v:020}.json"), "{}");
-        }
+        write_commits(&log, 3..8);
         write(&log, "00000000000000000005.checkpoint.parquet", "x");
         write(&log, "_last_checkpoint", r#"{"version":5,"size":3}"#);
         write(&log, "00000000000000000008.json#1", "x");
-        let local: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
-        let fast = LogProbe::new(local.clone(), true, Arc::default());
-        let prefix = Path::from_filesystem_path(&log).unwrap();
         // Listed at or before the checkpoint, from the cache and by name after it; from a
         // commit file, and from a bare version (as the kernel asks).
         for offset in [
@@ -386,15 +411,14 @@ mod tests {
 
     #[tokio::test]
     async fn commits_after_the_checkpoint_come_from_the_cache_until_deleted_through_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("_delta_log");
-        std::fs::create_dir_all(&log).unwrap();
-        for v in 0..4u64 {
-            write(&log, &format!("{v:020}.json"), "{}");
-        }
-        let local: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
-        let fast = LogProbe::new(local.clone(), true, Arc::default());
-        let prefix = Path::from_filesystem_path(&log).unwrap();
+        let Fixture {
+            _dir,
+            log,
+            local,
+            fast,
+            prefix,
+        } = fixture();
+        write_commits(&log, 0..4);
         let (got, want) = both(&fast, &local, &prefix, "00000000000000000001").await;
         assert_eq!((got.len(), &got), (3, &want));
         // Seen once, a commit is not looked up again: one removed behind the lake's back
@@ -411,23 +435,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_table_made_again_at_the_same_path_is_listed_afresh() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("_delta_log");
-        std::fs::create_dir_all(&log).unwrap();
-        for v in 0..6u64 {
-            write(&log, &format!("{v:020}.json"), "{}");
-        }
-        let local: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
-        let fast = LogProbe::new(local.clone(), true, Arc::default());
-        let prefix = Path::from_filesystem_path(&log).unwrap();
+        let Fixture {
+            _dir,
+            log,
+            local,
+            fast,
+            prefix,
+        } = fixture();
+        write_commits(&log, 0..6);
         let (got, _) = both(&fast, &local, &prefix, "00000000000000000001").await;
         assert_eq!(got.len(), 5);
         // Deleted behind the lake's back and made again, shorter, then longer.
         std::fs::remove_dir_all(&log).unwrap();
         std::fs::create_dir_all(&log).unwrap();
-        for v in 0..3u64 {
-            write(&log, &format!("{v:020}.json"), "{}");
-        }
+        write_commits(&log, 0..3);
         let (got, want) = both(&fast, &local, &prefix, "00000000000000000001").await;
         assert_eq!((got.len(), &got), (2, &want));
         for v in 3..6u64 {
@@ -446,18 +467,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_gap_left_by_a_running_log_cleanup_is_listed_not_taken_for_the_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("_delta_log");
-        std::fs::create_dir_all(&log).unwrap();
+        let Fixture {
+            _dir,
+            log,
+            local,
+            fast,
+            prefix,
+        } = fixture();
         // A cleanup after the checkpoint at 10 has deleted 0 and 2 but not yet 1.
-        for v in [1u64, 10, 11] {
-            write(&log, &format!("{v:020}.json"), "{}");
-        }
+        write_commits(&log, [1, 10, 11]);
         write(&log, "00000000000000000010.checkpoint.parquet", "x");
         write(&log, "_last_checkpoint", r#"{"version":10,"size":3}"#);
-        let local: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
-        let fast = LogProbe::new(local.clone(), true, Arc::default());
-        let prefix = Path::from_filesystem_path(&log).unwrap();
         let (got, want) = both(&fast, &local, &prefix, "00000000000000000001").await;
         assert_eq!(got, want);
         assert_eq!(
