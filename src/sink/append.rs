@@ -12,7 +12,7 @@ use arrow::array::RecordBatch;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::Action;
 use deltalake::parquet::basic::Compression;
-use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::parquet::file::properties::{WriterProperties, WriterPropertiesBuilder};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
@@ -27,15 +27,23 @@ pub(super) struct Appended {
     pub synced: bool,
 }
 
+/// The Parquet options every file the pipeline writes shares; `tune` adds a caller's own.
+pub(super) fn parquet_properties(
+    tune: impl FnOnce(WriterPropertiesBuilder) -> WriterPropertiesBuilder,
+) -> WriterProperties {
+    tune(
+        WriterProperties::builder()
+            .set_created_by(format!("pipeline {}", env!("CARGO_PKG_VERSION")))
+            .set_compression(Compression::SNAPPY),
+    )
+    .build()
+}
+
 /// The table's files and options for an append's Parquet.
 pub(super) fn writer_for(
     table: &DeltaTable,
 ) -> Result<RecordBatchWriter, deltalake::DeltaTableError> {
-    let properties = WriterProperties::builder()
-        .set_created_by(format!("pipeline {}", env!("CARGO_PKG_VERSION")))
-        .set_compression(Compression::SNAPPY)
-        .build();
-    Ok(RecordBatchWriter::for_table(table)?.with_writer_properties(properties))
+    Ok(RecordBatchWriter::for_table(table)?.with_writer_properties(parquet_properties(|b| b)))
 }
 
 /// Where an append goes: the table's path and kind, and what surrounds its commit.

@@ -7,8 +7,6 @@ use super::{LakeTable, SinkError};
 use arrow::array::RecordBatch;
 use arrow::compute::CastOptions;
 use arrow::datatypes::{Schema, SchemaRef};
-use deltalake::parquet::basic::Compression;
-use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
 use deltalake::DeltaTable;
 use std::collections::BTreeMap;
@@ -46,11 +44,9 @@ impl StagedFiles {
             source,
         };
         if !self.writers.contains_key(path) {
-            let properties = WriterProperties::builder()
-                .set_created_by(format!("pipeline {}", env!("CARGO_PKG_VERSION")))
-                .set_compression(Compression::SNAPPY)
-                .set_max_row_group_bytes(Some(STAGED_ROW_GROUP_BYTES))
-                .build();
+            let properties = super::append::parquet_properties(|b| {
+                b.set_max_row_group_bytes(Some(STAGED_ROW_GROUP_BYTES))
+            });
             let writer = RecordBatchWriter::for_table(table)
                 .map_err(derr)?
                 .with_writer_properties(properties)
