@@ -22,6 +22,10 @@ pub const TABLE_COMMIT_SECONDS: &str = "pipeline_table_commit_seconds";
 /// One step of an append (`step` = `write`: Parquet encoded and uploaded, `log`: the
 /// log entry, `snapshot`: the writer's snapshot moved to it).
 pub const TABLE_COMMIT_STEP_SECONDS: &str = "pipeline_table_commit_step_seconds";
+/// One request to the lake's object store (`op` = `put`, `get`, `head`, `list`,
+/// `copy`, `rename`; `list_log`: a `_delta_log` listing answered by the log cache and
+/// HEADs, `list_log_listed`: one the store listed).
+pub const OBJECT_STORE_SECONDS: &str = "pipeline_object_store_seconds";
 /// Making a commit's files durable on a local lake (fsync).
 pub const LAKE_DURABLE_SECONDS: &str = "pipeline_lake_durable_seconds";
 /// One maintenance task on one table (`task` = `compact`, `checkpoint`, `vacuum`).
@@ -96,6 +100,10 @@ fn describe() {
         (
             MAINTENANCE_SECONDS,
             "one maintenance task (compact, checkpoint, vacuum)",
+        ),
+        (
+            OBJECT_STORE_SECONDS,
+            "one request to the lake's object store",
         ),
         (HTTP_SECONDS, "HTTP request handling, waits included"),
         (WAIT_SECONDS, "read-your-writes wait for min_lsn"),

@@ -211,6 +211,15 @@ async fn list_after(
     }
 }
 
+/// Times one request in [`crate::metrics::OBJECT_STORE_SECONDS`].
+async fn timed<T>(op: &'static str, request: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = request.await;
+    metrics::histogram!(crate::metrics::OBJECT_STORE_SECONDS, "op" => op)
+        .record(started.elapsed().as_secs_f64());
+    out
+}
+
 #[async_trait::async_trait]
 impl ObjectStore for LogProbe {
     async fn put_opts(
@@ -219,7 +228,7 @@ impl ObjectStore for LogProbe {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
-        self.inner.put_opts(location, payload, opts).await
+        timed("put", self.inner.put_opts(location, payload, opts)).await
     }
 
     async fn put_multipart_opts(
@@ -235,7 +244,8 @@ impl ObjectStore for LogProbe {
         location: &Path,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
-        self.inner.get_opts(location, options).await
+        let op = if options.head { "head" } else { "get" };
+        timed(op, self.inner.get_opts(location, options)).await
     }
 
     fn delete_stream(
@@ -268,14 +278,17 @@ impl ObjectStore for LogProbe {
             .as_ref()
             .and_then(|fs| fs.path_to_filesystem(&log).ok());
         futures::stream::once(async move {
-            let metas = match cached_after(inner.as_ref(), &cache, &log, &offset).await? {
-                Some(found) => found,
+            let started = std::time::Instant::now();
+            let (metas, op) = match cached_after(inner.as_ref(), &cache, &log, &offset).await? {
+                Some(found) => (found, "list_log"),
                 None => {
                     let listed = list_after(inner, dir, log.clone(), offset).await?;
                     cache.remember(&log, &listed);
-                    listed
+                    (listed, "list_log_listed")
                 }
             };
+            metrics::histogram!(crate::metrics::OBJECT_STORE_SECONDS, "op" => op)
+                .record(started.elapsed().as_secs_f64());
             Ok::<_, object_store::Error>(futures::stream::iter(metas.into_iter().map(Ok)))
         })
         .try_flatten()
@@ -283,7 +296,7 @@ impl ObjectStore for LogProbe {
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
-        self.inner.list_with_delimiter(prefix).await
+        timed("list", self.inner.list_with_delimiter(prefix)).await
     }
 
     async fn copy_opts(
@@ -292,7 +305,7 @@ impl ObjectStore for LogProbe {
         to: &Path,
         options: CopyOptions,
     ) -> object_store::Result<()> {
-        self.inner.copy_opts(from, to, options).await
+        timed("copy", self.inner.copy_opts(from, to, options)).await
     }
 
     async fn rename_opts(
@@ -301,7 +314,7 @@ impl ObjectStore for LogProbe {
         to: &Path,
         options: RenameOptions,
     ) -> object_store::Result<()> {
-        self.inner.rename_opts(from, to, options).await
+        timed("rename", self.inner.rename_opts(from, to, options)).await
     }
 }
 
