@@ -329,15 +329,20 @@ impl FeatureQuery {
             table: self.table.clone(),
             source,
         };
+        let started = std::time::Instant::now();
         let physical = self
             .session
             .query_planner()
             .create_physical_plan(&self.plan, &self.session)
             .await
             .map_err(err)?;
+        let planned = started.elapsed();
         let batches = datafusion::physical_plan::collect(physical, self.session.task_ctx())
             .await
             .map_err(err)?;
+        tracing::debug!(table = %self.table, entities = self.entities.len(),
+            plan_ms = planned.as_secs_f64() * 1e3,
+            execute_ms = (started.elapsed() - planned).as_secs_f64() * 1e3, "feature query");
         let arrow_err = |source| FeatureError::Arrow {
             table: self.table.clone(),
             source,
