@@ -178,7 +178,11 @@ impl Folds {
 /// Moves `fresh` (loaded from a checkpoint a little while ago) forward to `current`'s
 /// version and returns it; `current` when that fails or `fresh` is ahead (it cannot be,
 /// the sink being the only writer, unless the table was written by someone else).
-pub(crate) async fn continue_from(current: DeltaTable, mut fresh: DeltaTable) -> DeltaTable {
+/// The snapshot moves over to `current`'s store: the maintainer's store is driven by the
+/// maintainer's runtime.
+pub(crate) async fn continue_from(current: DeltaTable, loaded: DeltaTable) -> DeltaTable {
+    let mut fresh = DeltaTable::new(current.log_store());
+    fresh.state = loaded.state;
     let (Some(have), Some(from)) = (current.version(), fresh.version()) else {
         return current;
     };

@@ -148,6 +148,19 @@ impl Lake {
 
     /// The table, loaded if it exists, otherwise uninitialised (version None).
     pub async fn table(&self, path: &LakeTable) -> Result<DeltaTable, SinkError> {
+        let mut table = self.unloaded(path)?;
+        match table.load().await {
+            // A table not created yet: returned uninitialised, for the caller to create.
+            Ok(()) | Err(DeltaTableError::NotATable(_)) => Ok(table),
+            Err(e) => Err(SinkError::Delta {
+                table: path.clone(),
+                source: e,
+            }),
+        }
+    }
+
+    /// The table on a store of its own, not read yet (version None).
+    pub(crate) fn unloaded(&self, path: &LakeTable) -> Result<DeltaTable, SinkError> {
         let url = self.table_url(path)?;
         if self.is_local() {
             if let Ok(p) = url.to_file_path() {
@@ -170,13 +183,10 @@ impl Lake {
             self.is_local(),
             self.log_cache.clone(),
         ));
-        let builder = builder.with_storage_backend(store, url);
-        let mut table = builder.build().map_err(derr)?;
-        match table.load().await {
-            // A table not created yet: returned uninitialised, for the caller to create.
-            Ok(()) | Err(DeltaTableError::NotATable(_)) => Ok(table),
-            Err(e) => Err(derr(e)),
-        }
+        builder
+            .with_storage_backend(store, url)
+            .build()
+            .map_err(derr)
     }
 
     /// The object store at the root of `url`'s bucket (or filesystem), as delta-rs
