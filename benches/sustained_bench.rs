@@ -132,6 +132,7 @@ fn main() {
             probe_every,
             first_id,
             &csv,
+            s3.as_ref().map(S3Server::pid),
         );
         csvs.push(csv);
     }
@@ -148,6 +149,7 @@ fn run(
     probe_every: Duration,
     first_id: i64,
     csv: &Path,
+    s3_pid: Option<u32>,
 ) {
     common::psql(
         &pg_url(),
@@ -170,13 +172,11 @@ fn run(
         l
     });
     let started = Instant::now();
+    let scrapes = scrape_every_minute(port, secs);
     let probes = probe(delta_log, secs, probe_every, first_id);
-    let metrics = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        }
-    });
+    let metrics = scrape(port);
+    let mut scrapes = scrapes.join().unwrap();
+    scrapes.push(metrics.clone());
     if let Some(l) = load {
         print_loadgen(l);
     }
@@ -185,11 +185,14 @@ fn run(
     let _ = child.wait();
 
     let mut f = std::io::BufWriter::new(std::fs::File::create(csv).unwrap());
-    writeln!(f, "run,t_s,client_id,visible_ms").unwrap();
+    writeln!(f, "run,t_s,unix_ms,client_id,visible_ms").unwrap();
     for p in &probes.samples {
-        writeln!(f, "{},{:.3},{},{:.3}", spec.name(), p.0, p.1, p.2).unwrap();
+        let at = probes.started_unix_ms + p.0 * 1000.0;
+        writeln!(f, "{},{:.3},{at:.0},{},{:.3}", spec.name(), p.0, p.1, p.2).unwrap();
     }
     drop(f);
+    // Kept beside the CSV, so that slow probes can be lined up with what the log says.
+    let _ = std::fs::copy(&log, csv.with_extension("log"));
     let samples: Vec<(f64, f64)> = probes.samples.iter().map(|p| (p.0, p.2)).collect();
     report("commit → visible in features/client_features", &samples);
     println!(
@@ -213,6 +216,11 @@ fn run(
     );
     report_maintenance(&log_text);
     report_metrics(&metrics);
+    report_per_minute_metrics(&scrapes);
+    if let Some(pid) = s3_pid {
+        // The server shares the 2 cores: its listings walk the whole bucket.
+        println!("  s3s-fs CPU so far: {:.1} s", cpu_seconds(pid));
+    }
     println!("  csv: {}", csv.display());
 }
 
@@ -269,6 +277,8 @@ struct Probes {
     samples: Vec<(f64, i64, f64)>,
     committed: usize,
     lost: usize,
+    /// Wall-clock time of the first probe (unix ms), to line probes up with the log.
+    started_unix_ms: f64,
 }
 
 /// Commits a probe every `every` for `secs` on one connection while a thread watches
@@ -278,6 +288,11 @@ fn probe(delta_log: &Path, secs: f64, every: Duration, first_id: i64) -> Probes 
     let pending: Arc<Mutex<VecDeque<(i64, Instant)>>> = Arc::default();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let started = Instant::now();
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1000.0;
     let watcher = {
         let (pending, done, delta_log) = (pending.clone(), done.clone(), delta_log.to_path_buf());
         std::thread::spawn(move || watch(&delta_log, &pending, &done, started))
@@ -320,6 +335,7 @@ fn probe(delta_log: &Path, secs: f64, every: Duration, first_id: i64) -> Probes 
         samples,
         committed,
         lost,
+        started_unix_ms,
     }
 }
 
@@ -501,6 +517,105 @@ fn report_maintenance(log: &str) {
 }
 
 /// Mean of each histogram the pipeline exports for batches and table commits.
+/// User + system CPU seconds process `pid` has used (Linux `/proc`).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) end with `)`.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+    (ticks(11) + ticks(12)) / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The pipeline's `/metrics` text (empty when it does not answer).
+fn scrape(port: u16) -> String {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            }
+        })
+}
+
+/// Scrapes `/metrics` at the start of each whole minute of a run of `secs` (the caller
+/// adds the last one), so that histogram sums can be told apart per minute.
+fn scrape_every_minute(port: u16, secs: f64) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut out = vec![scrape(port)];
+        for minute in 1..secs.ceil() as u64 / 60 + 1 {
+            let at = started + Duration::from_secs(minute * 60);
+            if at.duration_since(started).as_secs_f64() >= secs {
+                break;
+            }
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            out.push(scrape(port));
+        }
+        out
+    })
+}
+
+/// `{labels} → (sum, count)` of histogram `name` in one scrape.
+fn histogram_sums(text: &str, name: &str) -> BTreeMap<String, (f64, f64)> {
+    let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
+        let labels = labels.trim_end_matches('}').to_string();
+        if metric == format!("{name}_sum") {
+            out.entry(labels).or_default().0 = value;
+        } else if metric == format!("{name}_count") {
+            out.entry(labels).or_default().1 = value;
+        }
+    }
+    out
+}
+
+/// Per minute, the mean of each series of the histograms whose growth matters (object
+/// store requests, append steps, maintenance), from consecutive scrapes.
+fn report_per_minute_metrics(scrapes: &[String]) {
+    for name in [
+        "pipeline_object_store_seconds",
+        "pipeline_table_commit_step_seconds",
+        "pipeline_maintenance_seconds",
+    ] {
+        let sums: Vec<_> = scrapes.iter().map(|s| histogram_sums(s, name)).collect();
+        let series: std::collections::BTreeSet<&String> =
+            sums.iter().flat_map(|m| m.keys()).collect();
+        for labels in series {
+            let cells: Vec<String> = sums
+                .windows(2)
+                .map(|w| {
+                    let (s0, c0) = w[0].get(labels).copied().unwrap_or_default();
+                    let (s1, c1) = w[1].get(labels).copied().unwrap_or_default();
+                    let n = c1 - c0;
+                    if n > 0.0 {
+                        format!("{:.1}ms×{n}", (s1 - s0) / n * 1000.0)
+                    } else {
+                        "-".into()
+                    }
+                })
+                .collect();
+            println!("  per minute {name}{{{labels}}}: {}", cells.join(" "));
+        }
+    }
+}
+
 fn report_metrics(text: &str) {
     let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for line in text.lines().filter(|l| !l.starts_with('#')) {

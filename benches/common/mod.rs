@@ -80,6 +80,10 @@ impl S3Server {
         Some(S3Server { child, port, data })
     }
 
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A lake at `s3://lake/<prefix>` on this server.
     pub(crate) fn lake(&self, prefix: &str) -> pipeline::config::LakeConfig {
         let mut lake = pipeline::config::LakeConfig::new(format!("s3://lake/{prefix}"));
