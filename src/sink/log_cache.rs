@@ -4,16 +4,43 @@
 //! file never changes once written. So a commit seen once at a version after the newest
 //! checkpoint is still there, and the entries after such a version are the cached run
 //! plus whatever follows it, found by name until the first missing version.
+//!
+//! It also keeps the bodies of the commits this process wrote (the kernel reads each new
+//! commit back, more than once, to move a snapshot on: on an object store each read is a
+//! request) and what `_last_checkpoint` said, read again after [`CHECKPOINT_HINT_TTL`] or
+//! as soon as this process writes it.
 
+use bytes::Bytes;
 use deltalake::logstore::object_store::{path::Path, ObjectMeta};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-/// Commit metadata by log directory and version (as a listing or `head` returned it: the
-/// kernel takes a commit's time from its `last_modified`).
+/// How long a `_last_checkpoint` read stays good. This process's own checkpoints replace
+/// it at once; one written by another process (`pipeline maintain`) is seen this late,
+/// and until then only the commits before it could be missing from an answer: log
+/// cleanup deletes commits minutes old, never the ones a writer is moving past.
+pub(crate) const CHECKPOINT_HINT_TTL: Duration = Duration::from_secs(1);
+
+/// Commit bodies kept per log: enough for every reader to catch up after a commit.
+const BODIES_KEPT: u64 = 64;
+
+/// What is known of one `_delta_log`.
+#[derive(Debug, Default)]
+struct Log {
+    /// Commit metadata by version (as a listing or `head` returned it: the kernel takes a
+    /// commit's time from its `last_modified`).
+    commits: BTreeMap<u64, ObjectMeta>,
+    /// The newest commits this process wrote, by version.
+    bodies: BTreeMap<u64, Bytes>,
+    /// `_last_checkpoint` when last read: its metadata, the version it names.
+    checkpoint: Option<(Instant, Option<ObjectMeta>, Option<u64>)>,
+}
+
+/// What is known of each log directory of a lake.
 #[derive(Debug, Default)]
 pub(crate) struct LogCache {
-    logs: Mutex<HashMap<Path, BTreeMap<u64, ObjectMeta>>>,
+    logs: Mutex<HashMap<Path, Log>>,
 }
 
 /// The version a log file name starts with (`{version:020}…`, as every commit and
@@ -35,11 +62,11 @@ impl LogCache {
     /// The cached commits from version `from` on, up to the first version not cached.
     pub(crate) fn run_from(&self, log: &Path, from: u64) -> Vec<ObjectMeta> {
         let logs = self.logs.lock().expect("log cache lock");
-        let Some(commits) = logs.get(log) else {
+        let Some(known) = logs.get(log) else {
             return Vec::new();
         };
         let mut run = Vec::new();
-        for (expected, (&version, meta)) in (from..).zip(commits.range(from..)) {
+        for (expected, (&version, meta)) in (from..).zip(known.commits.range(from..)) {
             if version != expected {
                 break;
             }
@@ -52,25 +79,78 @@ impl LogCache {
     pub(crate) fn knows(&self, log: &Path, version: u64) -> bool {
         let logs = self.logs.lock().expect("log cache lock");
         logs.get(log)
-            .is_some_and(|commits| commits.contains_key(&version))
+            .is_some_and(|known| known.commits.contains_key(&version))
     }
 
     /// Remembers the commit files among `metas` (which are in `log`).
     pub(crate) fn remember<'a>(&self, log: &Path, metas: impl IntoIterator<Item = &'a ObjectMeta>) {
         let mut logs = self.logs.lock().expect("log cache lock");
-        let commits = logs.entry(log.clone()).or_default();
+        let known = logs.entry(log.clone()).or_default();
         for meta in metas {
             if let Some(version) = commit_version(&meta.location) {
-                commits.insert(version, meta.clone());
+                known.commits.insert(version, meta.clone());
             }
+        }
+    }
+
+    /// Keeps the body of a commit this process wrote at `location`.
+    pub(crate) fn remember_body(&self, location: &Path, body: Bytes) {
+        let (Some(version), Some(log)) = (commit_version(location), parent(location)) else {
+            return;
+        };
+        let mut logs = self.logs.lock().expect("log cache lock");
+        let known = logs.entry(log).or_default();
+        known.bodies.insert(version, body);
+        let keep_from = version.saturating_sub(BODIES_KEPT);
+        known.bodies = known.bodies.split_off(&keep_from);
+    }
+
+    /// The commit at `location`, when both its metadata and its body are known.
+    pub(crate) fn commit(&self, location: &Path) -> Option<(ObjectMeta, Bytes)> {
+        let (version, log) = (commit_version(location)?, parent(location)?);
+        let logs = self.logs.lock().expect("log cache lock");
+        let known = logs.get(&log)?;
+        Some((
+            known.commits.get(&version)?.clone(),
+            known.bodies.get(&version)?.clone(),
+        ))
+    }
+
+    /// What `_last_checkpoint` in `log` said, if read less than [`CHECKPOINT_HINT_TTL`]
+    /// ago: its metadata (None: there was none) and the version it names.
+    pub(crate) fn checkpoint_hint(&self, log: &Path) -> Option<(Option<ObjectMeta>, Option<u64>)> {
+        let logs = self.logs.lock().expect("log cache lock");
+        let (read_at, meta, version) = logs.get(log)?.checkpoint.as_ref()?;
+        (read_at.elapsed() < CHECKPOINT_HINT_TTL).then(|| (meta.clone(), *version))
+    }
+
+    pub(crate) fn set_checkpoint_hint(
+        &self,
+        log: &Path,
+        meta: Option<ObjectMeta>,
+        version: Option<u64>,
+    ) {
+        let mut logs = self.logs.lock().expect("log cache lock");
+        logs.entry(log.clone()).or_default().checkpoint = Some((Instant::now(), meta, version));
+    }
+
+    /// `_last_checkpoint` at `location` was written or deleted here: read it again.
+    pub(crate) fn forget_checkpoint_hint(&self, location: &Path) {
+        if location.filename() != Some("_last_checkpoint") {
+            return;
+        }
+        let Some(log) = parent(location) else { return };
+        if let Some(known) = self.logs.lock().expect("log cache lock").get_mut(&log) {
+            known.checkpoint = None;
         }
     }
 
     /// Forgets the commits before `version` (cleanup may delete them; none is asked for).
     pub(crate) fn forget_before(&self, log: &Path, version: u64) {
         let mut logs = self.logs.lock().expect("log cache lock");
-        if let Some(commits) = logs.get_mut(log) {
-            *commits = commits.split_off(&version);
+        if let Some(known) = logs.get_mut(log) {
+            known.commits = known.commits.split_off(&version);
+            known.bodies = known.bodies.split_off(&version);
         }
     }
 
@@ -85,8 +165,9 @@ impl LogCache {
             return;
         };
         let mut logs = self.logs.lock().expect("log cache lock");
-        if let Some(commits) = logs.get_mut(&log) {
-            commits.remove(&version);
+        if let Some(known) = logs.get_mut(&log) {
+            known.commits.remove(&version);
+            known.bodies.remove(&version);
         }
     }
 }
@@ -144,5 +225,43 @@ mod tests {
         ] {
             assert_eq!(commit_version(&log.clone().join(name)), None, "{name}");
         }
+    }
+
+    #[test]
+    fn bodies_are_served_once_their_commit_is_known_and_go_with_it() {
+        let cache = LogCache::default();
+        let log = Path::from("lake/t/_delta_log");
+        let at = meta(&log, 8);
+        cache.remember_body(&at.location, Bytes::from_static(b"{}"));
+        assert!(
+            cache.commit(&at.location).is_none(),
+            "metadata not seen yet"
+        );
+        cache.remember(&log, [&at]);
+        assert_eq!(&cache.commit(&at.location).unwrap().1[..], b"{}");
+        // Only the newest bodies are kept.
+        let newer = meta(&log, 8 + BODIES_KEPT + 1);
+        cache.remember(&log, [&newer]);
+        cache.remember_body(&newer.location, Bytes::from_static(b"[]"));
+        assert!(cache.commit(&at.location).is_none());
+        assert!(cache.commit(&newer.location).is_some());
+        cache.forget(&newer.location);
+        assert!(cache.commit(&newer.location).is_none());
+    }
+
+    #[test]
+    fn the_checkpoint_hint_is_kept_until_written_here_or_too_old() {
+        let cache = LogCache::default();
+        let log = Path::from("lake/t/_delta_log");
+        assert!(cache.checkpoint_hint(&log).is_none());
+        cache.set_checkpoint_hint(&log, None, Some(7));
+        assert_eq!(cache.checkpoint_hint(&log).unwrap().1, Some(7));
+        cache.forget_checkpoint_hint(&log.clone().join("00000000000000000007.json"));
+        assert!(
+            cache.checkpoint_hint(&log).is_some(),
+            "only _last_checkpoint drops it"
+        );
+        cache.forget_checkpoint_hint(&log.clone().join("_last_checkpoint"));
+        assert!(cache.checkpoint_hint(&log).is_none());
     }
 }

@@ -10,7 +10,7 @@
 //! `read_dir` that reads metadata only for the entries after the offset.
 
 use super::log_cache::{leading_version, LogCache};
-use deltalake::logstore::object_store::ObjectStoreExt;
+use super::log_files::{in_memory, whole, LogFiles};
 use deltalake::logstore::object_store::{
     self, local::LocalFileSystem, path::Path, CopyOptions, GetOptions, GetResult, ListResult,
     MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload,
@@ -24,17 +24,22 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub(crate) struct LogProbe {
     inner: Arc<dyn ObjectStore>,
-    /// On a local lake, maps object paths to directories for a listing by `read_dir`.
-    local: Option<LocalFileSystem>,
+    /// The store again, and on a local lake the filesystem: maps object paths to files
+    /// for inline reads and to directories for a listing by `read_dir`.
+    files: LogFiles,
     /// Shared by every table the lake opens.
     cache: Arc<LogCache>,
 }
 
 impl LogProbe {
     pub(crate) fn new(inner: Arc<dyn ObjectStore>, local: bool, cache: Arc<LogCache>) -> LogProbe {
+        let files = LogFiles {
+            inner: inner.clone(),
+            local: local.then(LocalFileSystem::new),
+        };
         LogProbe {
             inner,
-            local: local.then(LocalFileSystem::new),
+            files,
             cache,
         }
     }
@@ -98,15 +103,6 @@ impl std::fmt::Display for LogProbe {
     }
 }
 
-/// The file at `location`, if there is one.
-async fn head(store: &dyn ObjectStore, location: Path) -> object_store::Result<Option<ObjectMeta>> {
-    match store.head(&location).await {
-        Ok(meta) => Ok(Some(meta)),
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// The entries after `offset` in `log`, when it lies at or after the newest checkpoint
 /// (which `_last_checkpoint` names): that checkpoint if the offset is its version (a
 /// table load), the cached commits from the offset's version on, the ones after them
@@ -115,7 +111,7 @@ async fn head(store: &dyn ObjectStore, location: Path) -> object_store::Result<O
 /// deleting), follows no commit this lake has seen, or the newest cached commit has
 /// changed (the table was made again).
 async fn cached_after(
-    store: &dyn ObjectStore,
+    files: &LogFiles,
     cache: &LogCache,
     log: &Path,
     offset: &Path,
@@ -124,7 +120,7 @@ async fn cached_after(
         return Ok(None);
     };
     let at = |file: String| log.clone().join(file.as_str());
-    let (hint, checkpointed) = read_last_checkpoint(store, at("_last_checkpoint".into())).await?;
+    let (hint, checkpointed) = read_last_checkpoint(files, cache, log).await?;
     if let Some(checkpoint) = checkpointed {
         if first < checkpoint {
             return Ok(None);
@@ -143,7 +139,8 @@ async fn cached_after(
         let same = |now: &ObjectMeta| {
             now.size == last.size && now.last_modified.timestamp() == last.last_modified.timestamp()
         };
-        if !head(store, last.location.clone())
+        if !files
+            .head(&last.location)
             .await?
             .is_some_and(|now| same(&now))
         {
@@ -155,13 +152,16 @@ async fn cached_after(
     let mut found = Vec::with_capacity(run.len() + 2);
     if checkpointed == Some(first) {
         // A table load from the checkpoint: its file first (a multi-part one is listed).
-        match head(store, at(format!("{first:020}.checkpoint.parquet"))).await? {
+        match files
+            .head(&at(format!("{first:020}.checkpoint.parquet")))
+            .await?
+        {
             Some(meta) => found.push(meta),
             None => return Ok(None),
         }
     }
     found.extend(run);
-    while let Some(meta) = head(store, at(format!("{next:020}.json"))).await? {
+    while let Some(meta) = files.head(&at(format!("{next:020}.json"))).await? {
         cache.remember(log, [&meta]);
         found.push(meta);
         next += 1;
@@ -175,20 +175,23 @@ async fn cached_after(
 /// `_last_checkpoint`'s metadata and the version it names, if it is there. An unreadable
 /// one (being replaced) names no version before any: every offset is then listed.
 async fn read_last_checkpoint(
-    store: &dyn ObjectStore,
-    location: Path,
+    files: &LogFiles,
+    cache: &LogCache,
+    log: &Path,
 ) -> object_store::Result<(Option<ObjectMeta>, Option<u64>)> {
-    let got = match store.get(&location).await {
-        Ok(got) => got,
-        Err(object_store::Error::NotFound { .. }) => return Ok((None, None)),
-        Err(e) => return Err(e),
+    if let Some(known) = cache.checkpoint_hint(log) {
+        return Ok(known);
+    }
+    let Some((meta, bytes)) = files.get(&log.clone().join("_last_checkpoint")).await? else {
+        cache.set_checkpoint_hint(log, None, None);
+        return Ok((None, None));
     };
-    let meta = got.meta.clone();
-    let bytes = got.bytes().await?;
     let version = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|v| v.get("version")?.as_u64());
-    Ok((Some(meta), Some(version.unwrap_or(u64::MAX))))
+    let version = Some(version.unwrap_or(u64::MAX));
+    cache.set_checkpoint_hint(log, Some(meta.clone()), version);
+    Ok((Some(meta), version))
 }
 
 /// Every entry after `offset` in `log`, listed: on a local lake (`dir`) by `read_dir`.
@@ -228,7 +231,11 @@ impl ObjectStore for LogProbe {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
-        timed("put", self.inner.put_opts(location, payload, opts)).await
+        let body = bytes::Bytes::from(payload.clone());
+        let put = timed("put", self.inner.put_opts(location, payload, opts)).await?;
+        self.cache.remember_body(location, body);
+        self.cache.forget_checkpoint_hint(location);
+        Ok(put)
     }
 
     async fn put_multipart_opts(
@@ -244,6 +251,12 @@ impl ObjectStore for LogProbe {
         location: &Path,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
+        if let Some((meta, bytes)) = self.cache.commit(location).filter(|_| whole(&options)) {
+            return Ok(in_memory(meta, bytes, options.head));
+        }
+        if let Some(got) = self.files.get_inline(location, &options) {
+            return got;
+        }
         let op = if options.head { "head" } else { "get" };
         timed(op, self.inner.get_opts(location, options)).await
     }
@@ -255,7 +268,10 @@ impl ObjectStore for LogProbe {
         let cache = self.cache.clone();
         self.inner
             .delete_stream(locations)
-            .inspect_ok(move |deleted| cache.forget(deleted))
+            .inspect_ok(move |deleted| {
+                cache.forget(deleted);
+                cache.forget_checkpoint_hint(deleted);
+            })
             .boxed()
     }
 
@@ -271,18 +287,19 @@ impl ObjectStore for LogProbe {
         let Some(log) = prefix.filter(|p| p.filename() == Some("_delta_log")) else {
             return self.inner.list_with_offset(prefix, offset);
         };
-        let (inner, log, offset) = (self.inner.clone(), log.clone(), offset.clone());
+        let (files, log, offset) = (self.files.clone(), log.clone(), offset.clone());
         let cache = self.cache.clone();
         let dir = self
+            .files
             .local
             .as_ref()
             .and_then(|fs| fs.path_to_filesystem(&log).ok());
         futures::stream::once(async move {
             let started = std::time::Instant::now();
-            let (metas, op) = match cached_after(inner.as_ref(), &cache, &log, &offset).await? {
+            let (metas, op) = match cached_after(&files, &cache, &log, &offset).await? {
                 Some(found) => (found, "list_log"),
                 None => {
-                    let listed = list_after(inner, dir, log.clone(), offset).await?;
+                    let listed = list_after(files.inner, dir, log.clone(), offset).await?;
                     cache.remember(&log, &listed);
                     (listed, "list_log_listed")
                 }
@@ -305,6 +322,7 @@ impl ObjectStore for LogProbe {
         to: &Path,
         options: CopyOptions,
     ) -> object_store::Result<()> {
+        self.cache.forget_checkpoint_hint(to);
         timed("copy", self.inner.copy_opts(from, to, options)).await
     }
 
@@ -314,6 +332,7 @@ impl ObjectStore for LogProbe {
         to: &Path,
         options: RenameOptions,
     ) -> object_store::Result<()> {
+        self.cache.forget_checkpoint_hint(to);
         timed("rename", self.inner.rename_opts(from, to, options)).await
     }
 }
@@ -321,6 +340,7 @@ impl ObjectStore for LogProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use deltalake::logstore::object_store::ObjectStoreExt;
 
     async fn both(
         fast: &LogProbe,

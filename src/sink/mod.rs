@@ -17,6 +17,7 @@ mod delta;
 mod lake;
 mod layout;
 mod log_cache;
+mod log_files;
 mod log_probe;
 mod maintain;
 #[cfg(test)]
