@@ -35,6 +35,9 @@ struct Log {
     bodies: BTreeMap<u64, Bytes>,
     /// `_last_checkpoint` when last read: its metadata, the version it names.
     checkpoint: Option<(Instant, Option<ObjectMeta>, Option<u64>)>,
+    /// Bumped whenever this process writes or deletes `_last_checkpoint`: a read that
+    /// began before must not be kept.
+    checkpoint_epoch: u64,
 }
 
 /// What is known of each log directory of a lake.
@@ -124,14 +127,27 @@ impl LogCache {
         (read_at.elapsed() < CHECKPOINT_HINT_TTL).then(|| (meta.clone(), *version))
     }
 
+    /// The epoch to pass to [`LogCache::set_checkpoint_hint`] for a read of
+    /// `_last_checkpoint` in `log` that begins now.
+    pub(crate) fn checkpoint_epoch(&self, log: &Path) -> u64 {
+        let logs = self.logs.lock().expect("log cache lock");
+        logs.get(log).map_or(0, |known| known.checkpoint_epoch)
+    }
+
+    /// Keeps what a read of `_last_checkpoint` begun at `epoch` found, unless this process
+    /// has written it since (the read may have seen the old one).
     pub(crate) fn set_checkpoint_hint(
         &self,
         log: &Path,
+        epoch: u64,
         meta: Option<ObjectMeta>,
         version: Option<u64>,
     ) {
         let mut logs = self.logs.lock().expect("log cache lock");
-        logs.entry(log.clone()).or_default().checkpoint = Some((Instant::now(), meta, version));
+        let known = logs.entry(log.clone()).or_default();
+        if known.checkpoint_epoch == epoch {
+            known.checkpoint = Some((Instant::now(), meta, version));
+        }
     }
 
     /// `_last_checkpoint` at `location` was written or deleted here: read it again.
@@ -139,10 +155,13 @@ impl LogCache {
         if location.filename() != Some("_last_checkpoint") {
             return;
         }
-        let Some(log) = parent(location) else { return };
-        if let Some(known) = self.logs.lock().expect("log cache lock").get_mut(&log) {
-            known.checkpoint = None;
-        }
+        let Some(log) = parent(location) else {
+            return;
+        };
+        let mut logs = self.logs.lock().expect("log cache lock");
+        let known = logs.entry(log).or_default();
+        known.checkpoint = None;
+        known.checkpoint_epoch += 1;
     }
 
     /// Forgets the commits before `version` (cleanup may delete them; none is asked for).
@@ -156,7 +175,14 @@ impl LogCache {
 
     /// Forgets everything seen in `log`.
     pub(crate) fn forget_log(&self, log: &Path) {
-        self.logs.lock().expect("log cache lock").remove(log);
+        let mut logs = self.logs.lock().expect("log cache lock");
+        if let Some(known) = logs.get_mut(log) {
+            // The epoch stays (and moves on): a read begun before is not kept either.
+            *known = Log {
+                checkpoint_epoch: known.checkpoint_epoch + 1,
+                ..Log::default()
+            };
+        }
     }
 
     /// Forgets a deleted file, if it is a cached commit.
@@ -254,7 +280,8 @@ mod tests {
         let cache = LogCache::default();
         let log = Path::from("lake/t/_delta_log");
         assert!(cache.checkpoint_hint(&log).is_none());
-        cache.set_checkpoint_hint(&log, None, Some(7));
+        let epoch = cache.checkpoint_epoch(&log);
+        cache.set_checkpoint_hint(&log, epoch, None, Some(7));
         assert_eq!(cache.checkpoint_hint(&log).unwrap().1, Some(7));
         cache.forget_checkpoint_hint(&log.clone().join("00000000000000000007.json"));
         assert!(
@@ -263,5 +290,11 @@ mod tests {
         );
         cache.forget_checkpoint_hint(&log.clone().join("_last_checkpoint"));
         assert!(cache.checkpoint_hint(&log).is_none());
+        // A read that began before this process wrote it is not kept.
+        cache.set_checkpoint_hint(&log, epoch, None, Some(7));
+        assert!(cache.checkpoint_hint(&log).is_none());
+        let epoch = cache.checkpoint_epoch(&log);
+        cache.set_checkpoint_hint(&log, epoch, None, Some(9));
+        assert_eq!(cache.checkpoint_hint(&log).unwrap().1, Some(9));
     }
 }

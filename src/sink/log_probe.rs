@@ -182,15 +182,16 @@ async fn read_last_checkpoint(
     if let Some(known) = cache.checkpoint_hint(log) {
         return Ok(known);
     }
+    let epoch = cache.checkpoint_epoch(log);
     let Some((meta, bytes)) = files.get(&log.clone().join("_last_checkpoint")).await? else {
-        cache.set_checkpoint_hint(log, None, None);
+        cache.set_checkpoint_hint(log, epoch, None, None);
         return Ok((None, None));
     };
     let version = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|v| v.get("version")?.as_u64());
     let version = Some(version.unwrap_or(u64::MAX));
-    cache.set_checkpoint_hint(log, Some(meta.clone()), version);
+    cache.set_checkpoint_hint(log, epoch, Some(meta.clone()), version);
     Ok((Some(meta), version))
 }
 
@@ -232,9 +233,12 @@ impl ObjectStore for LogProbe {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         let body = bytes::Bytes::from(payload.clone());
-        let put = timed("put", self.inner.put_opts(location, payload, opts)).await?;
-        self.cache.remember_body(location, body);
+        // Before and after: no read of `_last_checkpoint` that overlaps the write is kept.
         self.cache.forget_checkpoint_hint(location);
+        let put = timed("put", self.inner.put_opts(location, payload, opts)).await;
+        self.cache.forget_checkpoint_hint(location);
+        let put = put?;
+        self.cache.remember_body(location, body);
         Ok(put)
     }
 
