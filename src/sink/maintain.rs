@@ -85,9 +85,11 @@ pub async fn maintain_table(
 /// How much less CPU the maintainer's thread claims than the pipeline's (a Linux nice
 /// value). Checkpoints and compactions are CPU work that yields rarely; on the runtime the
 /// batches use, each held a worker for tens of milliseconds (single ~100 ms visibility
-/// outliers on 2 cores). On a thread of its own at a lower priority it only gets the CPU
-/// the batches leave, which is plenty: it runs every few seconds.
-const NICE: i32 = 10;
+/// outliers on 2 cores). On a thread of its own the kernel shares the cores between it
+/// and the batches in slices of a few milliseconds, and a little lower priority lets a
+/// batch's threads go first. Not much lower: on a saturated machine (an S3 lake on 2
+/// cores) nice 10 starved it, its compactions fell behind and every commit grew slower.
+const NICE: i32 = 5;
 
 /// Lowers the calling thread's priority to [`NICE`] (on Linux the nice value is a
 /// thread's own; the threads it starts inherit it).
