@@ -16,8 +16,12 @@ use deltalake::logstore::object_store::ObjectStoreExt;
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::{DeltaTable, DeltaTableError};
+use futures::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
+
+/// Small files a compaction reads at a time.
+const READS_AT_ONCE: usize = 8;
 
 /// Small files rewritten into one, waiting to join the table's next append.
 #[derive(Debug)]
@@ -93,15 +97,22 @@ pub(crate) async fn rewrite(
     let store = table.object_store();
     let mut writer = RecordBatchWriter::for_table(table)?.with_target_file_size(target_bytes);
     let schema = writer.arrow_schema();
-    for remove in &removes {
-        let path = deltalake::Path::parse(&remove.path)
-            .unwrap_or_else(|_| deltalake::Path::from(remove.path.as_str()));
-        // Small files by definition: read whole, decoded in memory.
-        let bytes = store.get(&path).await?.bytes().await?;
+    // Small files by definition: read whole (READS_AT_ONCE at a time, in order: on an
+    // object store each read is a round trip), decoded in memory.
+    let mut files = futures::stream::iter(&removes)
+        .map(|remove| {
+            let store = store.clone();
+            let path = deltalake::Path::parse(&remove.path)
+                .unwrap_or_else(|_| deltalake::Path::from(remove.path.as_str()));
+            async move { store.get(&path).await?.bytes().await }
+        })
+        .buffered(READS_AT_ONCE);
+    while let Some(bytes) = files.try_next().await? {
         for batch in ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()? {
             writer.write(to_schema(&batch?, &schema)?).await?;
         }
     }
+    drop(files);
     let mut adds = writer.flush().await?;
     for add in &mut adds {
         add.data_change = false;
