@@ -23,8 +23,7 @@ use std::sync::Arc;
 /// Wraps the root store of a lake (see the module doc).
 #[derive(Debug)]
 pub(crate) struct LogProbe {
-    inner: Arc<dyn ObjectStore>,
-    /// The store again, and on a local lake the filesystem: maps object paths to files
+    /// The wrapped store, and on a local lake the filesystem: maps object paths to files
     /// for inline reads and to directories for a listing by `read_dir`.
     files: LogFiles,
     /// Shared by every table the lake opens.
@@ -34,14 +33,10 @@ pub(crate) struct LogProbe {
 impl LogProbe {
     pub(crate) fn new(inner: Arc<dyn ObjectStore>, local: bool, cache: Arc<LogCache>) -> LogProbe {
         let files = LogFiles {
-            inner: inner.clone(),
+            inner,
             local: local.then(LocalFileSystem::new),
         };
-        LogProbe {
-            inner,
-            files,
-            cache,
-        }
+        LogProbe { files, cache }
     }
 }
 
@@ -99,7 +94,7 @@ fn read_after(
 
 impl std::fmt::Display for LogProbe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LogProbe({})", self.inner)
+        write!(f, "LogProbe({})", self.files.inner)
     }
 }
 
@@ -235,7 +230,7 @@ impl ObjectStore for LogProbe {
         let body = bytes::Bytes::from(payload.clone());
         // Before and after: no read of `_last_checkpoint` that overlaps the write is kept.
         self.cache.forget_checkpoint_hint(location);
-        let put = timed("put", self.inner.put_opts(location, payload, opts)).await;
+        let put = timed("put", self.files.inner.put_opts(location, payload, opts)).await;
         self.cache.forget_checkpoint_hint(location);
         let put = put?;
         self.cache.remember_body(location, body);
@@ -247,7 +242,7 @@ impl ObjectStore for LogProbe {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> object_store::Result<Box<dyn MultipartUpload>> {
-        self.inner.put_multipart_opts(location, opts).await
+        self.files.inner.put_multipart_opts(location, opts).await
     }
 
     async fn get_opts(
@@ -262,7 +257,7 @@ impl ObjectStore for LogProbe {
             return got;
         }
         let op = if options.head { "head" } else { "get" };
-        timed(op, self.inner.get_opts(location, options)).await
+        timed(op, self.files.inner.get_opts(location, options)).await
     }
 
     fn delete_stream(
@@ -270,7 +265,8 @@ impl ObjectStore for LogProbe {
         locations: BoxStream<'static, object_store::Result<Path>>,
     ) -> BoxStream<'static, object_store::Result<Path>> {
         let cache = self.cache.clone();
-        self.inner
+        self.files
+            .inner
             .delete_stream(locations)
             .inspect_ok(move |deleted| {
                 cache.forget(deleted);
@@ -280,7 +276,7 @@ impl ObjectStore for LogProbe {
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        self.inner.list(prefix)
+        self.files.inner.list(prefix)
     }
 
     fn list_with_offset(
@@ -289,7 +285,7 @@ impl ObjectStore for LogProbe {
         offset: &Path,
     ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         let Some(log) = prefix.filter(|p| p.filename() == Some("_delta_log")) else {
-            return self.inner.list_with_offset(prefix, offset);
+            return self.files.inner.list_with_offset(prefix, offset);
         };
         let (files, log, offset) = (self.files.clone(), log.clone(), offset.clone());
         let cache = self.cache.clone();
@@ -317,7 +313,7 @@ impl ObjectStore for LogProbe {
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
-        timed("list", self.inner.list_with_delimiter(prefix)).await
+        timed("list", self.files.inner.list_with_delimiter(prefix)).await
     }
 
     async fn copy_opts(
@@ -327,7 +323,7 @@ impl ObjectStore for LogProbe {
         options: CopyOptions,
     ) -> object_store::Result<()> {
         self.cache.forget_checkpoint_hint(to);
-        timed("copy", self.inner.copy_opts(from, to, options)).await
+        timed("copy", self.files.inner.copy_opts(from, to, options)).await
     }
 
     async fn rename_opts(
@@ -337,7 +333,7 @@ impl ObjectStore for LogProbe {
         options: RenameOptions,
     ) -> object_store::Result<()> {
         self.cache.forget_checkpoint_hint(to);
-        timed("rename", self.inner.rename_opts(from, to, options)).await
+        timed("rename", self.files.inner.rename_opts(from, to, options)).await
     }
 }
 
