@@ -617,46 +617,24 @@ fn report_per_minute_metrics(scrapes: &[String]) {
 }
 
 fn report_metrics(text: &str) {
-    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((name, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        for (suffix, slot) in [("_sum", 0), ("_count", 1)] {
-            let Some((metric, labels)) = name.split_once('{').or(Some((name, ""))) else {
-                continue;
-            };
-            let Some(base) = metric.strip_suffix(suffix) else {
-                continue;
-            };
-            if !base.contains("batch_seconds")
-                && !base.contains("table_commit_seconds")
-                && !base.contains("commit_to")
-            {
-                continue;
+    for name in [
+        "pipeline_batch_seconds",
+        "pipeline_commit_to_durable_seconds",
+        "pipeline_commit_to_online_seconds",
+        "pipeline_table_commit_seconds",
+    ] {
+        for (labels, (sum, count)) in histogram_sums(text, name) {
+            if count > 0.0 {
+                let labels = if labels.is_empty() {
+                    String::new()
+                } else {
+                    format!("{{{labels}}}")
+                };
+                println!(
+                    "  metric {name}{labels}: n={count} mean {:.1} ms",
+                    sum / count * 1000.0
+                );
             }
-            let key = format!(
-                "{base}{}{}",
-                if labels.is_empty() { "" } else { "{" },
-                labels
-            );
-            let e = sums.entry(key).or_default();
-            if slot == 0 {
-                e.0 = value;
-            } else {
-                e.1 = value;
-            }
-        }
-    }
-    for (k, (sum, count)) in sums {
-        if count > 0.0 {
-            println!(
-                "  metric {k}: n={count} mean {:.1} ms",
-                sum / count * 1000.0
-            );
         }
     }
 }
