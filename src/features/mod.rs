@@ -18,8 +18,9 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::common::HashSet;
-use datafusion::execution::SessionState;
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::execution::TaskContext;
+use datafusion::physical_plan::execution_plan::reset_plan_states;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 pub use mapping::Mapping;
 use std::sync::Arc;
@@ -55,8 +56,10 @@ const ALL_ENTITIES_CHUNK: usize = 8_192;
 /// One feature file, planned.
 struct CompiledFile {
     def: FeatureFile,
-    /// Optimized logical plan; `as_of_date()` is volatile, so it is not folded in.
-    plan: LogicalPlan,
+    /// Physical plan, made once and run for every batch (its state scans read their
+    /// rows from the scopes of the task context it runs in); `as_of_date()` is
+    /// volatile, so it is not folded in.
+    plan: Arc<dyn ExecutionPlan>,
     /// Output schema: key, features, feature_time, _lsn, computed_at, _deleted.
     schema: SchemaRef,
     /// Per source table (configured order): how its rows map to this file's entities.
@@ -96,11 +99,17 @@ impl FeatureEngine {
     /// Builds empty state for `schemas`, registers the UDFs, and plans every feature
     /// of every file: errors name the file, line and feature.
     pub async fn new(pipeline: &Pipeline, schemas: &[TableSchema]) -> Result<Self, FeatureError> {
-        // One partition: per-batch inputs are small, and planning for parallelism
-        // costs more than it saves at 200 ms batches.
-        let config = SessionConfig::new()
+        // One partition: per-batch inputs are small, and parallelism costs more than it
+        // saves at 200 ms batches. No dynamic filters: a plan that is run again must
+        // not carry a filter a join derived from the previous run's rows.
+        let mut config = SessionConfig::new()
             .with_target_partitions(1)
             .with_information_schema(false);
+        let optimizer = &mut config.options_mut().optimizer;
+        optimizer.enable_dynamic_filter_pushdown = false;
+        optimizer.enable_join_dynamic_filter_pushdown = false;
+        optimizer.enable_topk_dynamic_filter_pushdown = false;
+        optimizer.enable_aggregate_dynamic_filter_pushdown = false;
         let ctx = SessionContext::new_with_config(config);
         let clock = crate::udfs::AsOfClock::default();
         crate::udfs::register_all(&ctx, clock.clone());
@@ -130,6 +139,15 @@ impl FeatureEngine {
                 .map(TableId::new)
                 .expect("validated in resolve_mappings");
             let (plan, schema) = plan::plan_file(&ctx, def, &schemas[entity_table.index()]).await?;
+            let session = ctx.state();
+            let plan = session
+                .query_planner()
+                .create_physical_plan(&plan, &session)
+                .await
+                .map_err(|source| FeatureError::Plan {
+                    location: format!("{}: features combined", def.file.display()),
+                    source,
+                })?;
             files.push(CompiledFile {
                 def: def.clone(),
                 plan,
@@ -279,8 +297,8 @@ impl FeatureEngine {
         Ok(out)
     }
 
-    /// The query for the features of `entities` of `file`: its session scopes every
-    /// state table to their rows.
+    /// The query for the features of `entities` of `file`: its task context scopes
+    /// every state table to their rows.
     fn query(
         &self,
         file: &CompiledFile,
@@ -291,12 +309,23 @@ impl FeatureEngine {
         let as_of = self.as_of_days(commit_ts_micros);
         // The clock is shared: every query of one call has the same as-of date.
         self.clock.set_days(as_of);
-        let mut session = self.ctx.state();
-        session.config_mut().set_extension(Arc::new(Scopes {
+        let scopes = Scopes {
             tables: scope::scopes(&self.state, &file.mappings, &entities),
-        }));
+        };
+        let config = self.ctx.copied_config().with_extension(Arc::new(scopes));
+        // The plan's expressions are resolved: the task needs no function registry.
+        let task = TaskContext::new(
+            None,
+            self.ctx.session_id(),
+            config,
+            Default::default(),
+            Default::default(),
+            Default::default(),
+            Default::default(),
+            self.ctx.runtime_env(),
+        );
         FeatureQuery {
-            session,
+            task: Arc::new(task),
             plan: file.plan.clone(),
             table: file.def.name.clone(),
             schema: file.schema.clone(),
@@ -311,8 +340,8 @@ impl FeatureEngine {
 /// One planned computation of a feature file's features for a set of entities; owns
 /// what it needs, so that several can run at once on different threads.
 struct FeatureQuery {
-    session: SessionState,
-    plan: LogicalPlan,
+    task: Arc<TaskContext>,
+    plan: Arc<dyn ExecutionPlan>,
     table: String,
     schema: SchemaRef,
     features: usize,
@@ -330,19 +359,15 @@ impl FeatureQuery {
             source,
         };
         let started = std::time::Instant::now();
-        let physical = self
-            .session
-            .query_planner()
-            .create_physical_plan(&self.plan, &self.session)
-            .await
-            .map_err(err)?;
-        let planned = started.elapsed();
-        let batches = datafusion::physical_plan::collect(physical, self.session.task_ctx())
+        // A fresh copy of the plan's run state (joins keep their build side in it).
+        let plan = reset_plan_states(self.plan.clone()).map_err(err)?;
+        let prepared = started.elapsed();
+        let batches = datafusion::physical_plan::collect(plan, self.task.clone())
             .await
             .map_err(err)?;
         tracing::debug!(table = %self.table, entities = self.entities.len(),
-            plan_ms = planned.as_secs_f64() * 1e3,
-            execute_ms = (started.elapsed() - planned).as_secs_f64() * 1e3, "feature query");
+            prepare_ms = prepared.as_secs_f64() * 1e3,
+            execute_ms = (started.elapsed() - prepared).as_secs_f64() * 1e3, "feature query");
         let arrow_err = |source| FeatureError::Arrow {
             table: self.table.clone(),
             source,

@@ -1,6 +1,6 @@
 //! Plans a feature file once at start-up: each feature's SQL alone (so an error names
-//! the feature), then all of them joined onto the entity table. The combined logical
-//! plan is cached and re-executed for every batch.
+//! the feature), then all of them joined onto the entity table. The combined plan is
+//! made physical once (see `FeatureEngine::new`) and run again for every batch.
 
 use super::{output_schema, FeatureError};
 use crate::config::{quote_ident, FeatureFile, FeatureType};
@@ -116,7 +116,7 @@ pub(crate) async fn plan_file(
         location: location.clone(),
         source,
     })?;
-    // Optimized once here; each batch only does physical planning and execution.
+    // Optimized once here; each batch only runs the physical plan.
     let plan = ctx
         .state()
         .optimize(df.logical_plan())

@@ -21,13 +21,9 @@ pub(crate) fn scopes(
     }
     memo.into_iter()
         .zip(&tables)
-        .map(|(rows, table)| TableScope {
-            slots: rows
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(s, _)| s)
-                .collect(),
-            version: table.version(),
+        .map(|(rows, table)| {
+            let slots = rows.unwrap_or_default().into_iter().map(|(s, _)| s);
+            TableScope::new(slots.collect(), table.version())
         })
         .collect()
 }

@@ -562,6 +562,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_batch_computes_on_its_own_entities_though_the_plan_is_reused() {
+        let s = schemas();
+        let engine = engine(&s).await;
+        let mut sink = sink();
+        let mut p = Processor::new(&engine, &mut sink, &s);
+        let first = vec![
+            Some(users(&s, &[1, 2], 100)),
+            Some(paid_loans(&s, &[10, 11], 1, 100)),
+            None,
+        ];
+        p.process(batch(BatchKind::Transactions, first, 100))
+            .await
+            .unwrap();
+        // The joins' build sides of the first run must not be seen again.
+        let second = vec![
+            Some(users(&s, &[3], 200)),
+            Some(paid_loans(&s, &[30], 3, 200)),
+            None,
+        ];
+        p.process(batch(BatchKind::Transactions, second, 200))
+            .await
+            .unwrap();
+        let third = vec![None, Some(paid_loans(&s, &[12], 1, 300)), None];
+        p.process(batch(BatchKind::Transactions, third, 300))
+            .await
+            .unwrap();
+        assert_eq!(paid_counts(&sink, Lsn::new(108)), vec![(1, 2), (2, 0)]);
+        assert_eq!(paid_counts(&sink, Lsn::new(208)), vec![(3, 1)]);
+        assert_eq!(paid_counts(&sink, Lsn::new(308)), vec![(1, 3)]);
+    }
+
+    #[tokio::test]
     async fn a_replayed_batch_is_acknowledged_without_a_second_write() {
         let s = schemas();
         let engine = engine(&s).await;

@@ -5,6 +5,7 @@
 mod index;
 mod key;
 mod provider;
+mod scan;
 mod stage;
 mod store;
 mod table;

@@ -1,24 +1,26 @@
 //! DataFusion `TableProvider` over a `StateTable`. A scan answers equality and IN
-//! filters on indexed columns from the index, and is limited to the rows of the query's
-//! scope (the rows of the entities a batch touched), never a full scan unless the query
-//! has no scope.
+//! filters on indexed columns from the index, and is limited to the rows of the scope
+//! of the query it runs in (the rows of the entities a batch touched), never a full
+//! scan unless the query has no scope. The rows are read when the plan runs (see
+//! [`StateScanExec`]), so a physical plan can be run again for another scope.
 
+use super::scan::StateScanExec;
 use super::{Key, StateTable};
 use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use datafusion::catalog::Session;
 use datafusion::common::HashSet;
-use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::{TableProvider, TableType};
-use datafusion::error::{DataFusionError, Result};
+use datafusion::error::Result;
 use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
-/// Which rows of each state table a query's scans may see, set on the session that
-/// plans the query (`SessionConfig::set_extension`): each query carries its own, so
-/// queries over different entities can be planned and run at the same time. Without it
-/// a scan sees every row (ad-hoc queries).
+/// Which rows of each state table a query's scans may see, set on the session config
+/// of the task context that runs the query (`SessionConfig::with_extension`): each
+/// query carries its own, so queries over different entities can run at the same
+/// time. Without it a scan sees every row (ad-hoc queries).
 #[derive(Debug, Default)]
 pub struct Scopes {
     /// Per state table, by its position (see [`StateTableProvider::new`]).
@@ -34,6 +36,18 @@ pub struct TableScope {
     /// The table's [`StateTable::version`] the slots were resolved at: a scan of a table
     /// changed since fails rather than read other rows.
     pub version: u64,
+    /// The rows at `slots`, decoded by the query's first scan that needs them all.
+    pub(super) scanned: OnceLock<RecordBatch>,
+}
+
+impl TableScope {
+    pub fn new(slots: Vec<u32>, version: u64) -> Self {
+        TableScope {
+            slots,
+            version,
+            scanned: OnceLock::new(),
+        }
+    }
 }
 
 pub struct StateTableProvider {
@@ -58,43 +72,43 @@ impl StateTableProvider {
             schema,
         }
     }
+}
 
-    /// Slots of the rows selected by `filter` if it is `col = lit` or `col IN (lits)` on
-    /// an indexed or primary-key column.
-    fn slots_for_filter(&self, table: &StateTable, filter: &Expr) -> Option<HashSet<u32>> {
-        let (column, values) = match filter {
-            Expr::BinaryExpr(b) if b.op == Operator::Eq => match (&*b.left, &*b.right) {
-                (Expr::Column(c), Expr::Literal(v, _)) | (Expr::Literal(v, _), Expr::Column(c)) => {
-                    (c, vec![Key::from_scalar(v)?])
-                }
-                _ => return None,
-            },
-            Expr::InList(l) if !l.negated => match &*l.expr {
-                Expr::Column(c) => {
-                    let mut vals = Vec::with_capacity(l.list.len());
-                    for e in &l.list {
-                        match e {
-                            Expr::Literal(v, _) => vals.push(Key::from_scalar(v)?),
-                            _ => return None,
-                        }
-                    }
-                    (c, vals)
-                }
-                _ => return None,
-            },
+/// Slots of the rows selected by `filter` if it is `col = lit` or `col IN (lits)` on
+/// an indexed or primary-key column.
+pub(super) fn slots_for_filter(table: &StateTable, filter: &Expr) -> Option<HashSet<u32>> {
+    let (column, values) = match filter {
+        Expr::BinaryExpr(b) if b.op == Operator::Eq => match (&*b.left, &*b.right) {
+            (Expr::Column(c), Expr::Literal(v, _)) | (Expr::Literal(v, _), Expr::Column(c)) => {
+                (c, vec![Key::from_scalar(v)?])
+            }
             _ => return None,
-        };
-        let col = self.schema.index_of(&column.name).ok()?;
-        if table.key_columns() == [col] {
-            return Some(values.iter().filter_map(|v| table.slot_of(v)).collect());
-        }
-        let idx = table.index_of(col)?;
-        let mut rows = Vec::new();
-        for v in &values {
-            table.lookup_slots(idx, v, &mut rows);
-        }
-        Some(rows.into_iter().map(|(slot, _)| slot).collect())
+        },
+        Expr::InList(l) if !l.negated => match &*l.expr {
+            Expr::Column(c) => {
+                let mut vals = Vec::with_capacity(l.list.len());
+                for e in &l.list {
+                    match e {
+                        Expr::Literal(v, _) => vals.push(Key::from_scalar(v)?),
+                        _ => return None,
+                    }
+                }
+                (c, vals)
+            }
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let col = table.schema().index_of(&column.name).ok()?;
+    if table.key_columns() == [col] {
+        return Some(values.iter().filter_map(|v| table.slot_of(v)).collect());
     }
+    let idx = table.index_of(col)?;
+    let mut rows = Vec::new();
+    for v in &values {
+        table.lookup_slots(idx, v, &mut rows);
+    }
+    Some(rows.into_iter().map(|(slot, _)| slot).collect())
 }
 
 #[async_trait]
@@ -114,7 +128,7 @@ impl TableProvider for StateTableProvider {
         let table = self.table.read().expect("state lock");
         Ok(filters
             .iter()
-            .map(|f| match self.slots_for_filter(&table, f) {
+            .map(|f| match slots_for_filter(&table, f) {
                 // Inexact: DataFusion still applies the filter, the index only prunes.
                 Some(_) => TableProviderFilterPushDown::Inexact,
                 None => TableProviderFilterPushDown::Unsupported,
@@ -124,49 +138,26 @@ impl TableProvider for StateTableProvider {
 
     async fn scan(
         &self,
-        state: &dyn Session,
+        _state: &dyn Session,
         projection: Option<&Vec<usize>>,
         filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let table = self.table.read().expect("state lock");
-        let scopes = state.config().get_extension::<Scopes>();
-        let scope = scopes.as_ref().map(|s| &s.tables[self.position]);
-        if let Some(scope) = scope.filter(|s| s.version != table.version()) {
-            return Err(DataFusionError::Internal(format!(
-                "state table changed (version {} → {}) between resolving a query's scope and planning it",
-                scope.version,
-                table.version()
-            )));
-        }
-        let scope: Option<&[u32]> = scope.map(|s| s.slots.as_slice());
-        let mut slots: Option<Vec<u32>> = None;
-        for f in filters {
-            if let Some(selected) = self.slots_for_filter(&table, f) {
-                slots = Some(match slots.as_deref().or(scope) {
-                    Some(base) => base
-                        .iter()
-                        .copied()
-                        .filter(|s| selected.contains(s))
-                        .collect(),
-                    None => {
-                        let mut all: Vec<u32> = selected.into_iter().collect();
-                        all.sort_unstable();
-                        all
-                    }
-                });
-            }
-        }
-        let batch = table
-            .scan(slots.as_deref().or(scope))
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        drop(table);
-        let exec = MemorySourceConfig::try_new_exec(
-            &[vec![batch]],
-            self.schema.clone(),
-            projection.cloned(),
-        )?;
-        Ok(exec)
+        let index_filters = {
+            let table = self.table.read().expect("state lock");
+            filters
+                .iter()
+                .filter(|f| slots_for_filter(&table, f).is_some())
+                .cloned()
+                .collect()
+        };
+        Ok(Arc::new(StateScanExec::new(
+            self.table.clone(),
+            self.position,
+            &self.schema,
+            projection,
+            index_filters,
+        )?))
     }
 }
 
@@ -239,10 +230,7 @@ mod tests {
             state.lookup_slots(0, &Key::Int(10), &mut rows);
             let mut slots: Vec<u32> = rows.iter().map(|(s, _)| *s).collect();
             slots.sort_unstable();
-            TableScope {
-                slots,
-                version: state.version(),
-            }
+            TableScope::new(slots, state.version())
         };
         let config = SessionConfig::new().with_extension(Arc::new(Scopes {
             tables: vec![scope],
