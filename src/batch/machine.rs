@@ -155,8 +155,26 @@ impl Batcher {
         self.stop_with(Stop::StreamEnded);
     }
 
-    /// Applies one event from the stream. Keepalives are the caller's (they concern
-    /// acknowledgements, see [`super::acks::Acks`]).
+    /// A server keepalive: the walsender has decoded the WAL up to `wal_end`, so every
+    /// transaction committed before it has been received. Between transactions the
+    /// watermark moves there as after a fence: a reader waiting for an LSN in WAL the
+    /// slot does not publish (other tables, vacuum) is answered by the keepalive that
+    /// follows that WAL, often before the fence it asked for (an fsync'd commit) comes.
+    /// Acknowledging it stays the caller's (see [`super::acks::Acks`]).
+    pub(crate) fn on_keepalive(&mut self, wal_end: Lsn) {
+        if self.open.is_some()
+            || self.stop.is_some()
+            || wal_end <= self.pending.end_lsn
+            || wal_end <= self.opts.skip_through
+        {
+            return;
+        }
+        self.pending.end_lsn = wal_end;
+        self.pending.progress |= self.pending.txns == 0;
+    }
+
+    /// Applies one event from the stream. Keepalives go to [`Batcher::on_keepalive`]
+    /// and to the acknowledgements ([`super::acks::Acks`]).
     pub(crate) fn on_event(&mut self, ev: SourceEvent, now: Instant) {
         match ev {
             SourceEvent::Begin {
@@ -562,6 +580,35 @@ mod tests {
             (BatchKind::Transactions, 1, Lsn::new(308))
         );
         assert!(h.next().is_none());
+    }
+
+    #[test]
+    fn a_keepalive_between_transactions_moves_the_watermark_like_a_fence() {
+        let mut h = Harness::new(10, 50, None);
+        h.b.on_keepalive(Lsn::new(40));
+        assert!(!h.b.has_batch(), "behind the resume point");
+        h.b.on_keepalive(Lsn::new(120));
+        let b = h.next().unwrap();
+        assert_eq!(
+            (b.kind, b.rows, b.end_lsn),
+            (BatchKind::Progress, 0, Lsn::new(120))
+        );
+        h.b.on_keepalive(Lsn::new(120));
+        assert!(h.next().is_none(), "nothing new");
+        // Behind a pending transaction it moves that batch's end.
+        h.txn(200, 1);
+        h.b.on_keepalive(Lsn::new(400));
+        let b = h.next().unwrap();
+        assert_eq!(
+            (b.kind, b.transactions, b.end_lsn),
+            (BatchKind::Transactions, 1, Lsn::new(400))
+        );
+        // Not inside a transaction: its commit lies beyond.
+        h.begin(500, 1);
+        h.b.on_keepalive(Lsn::new(510));
+        assert!(!h.b.has_batch());
+        h.commit(500, 508, 1);
+        assert!(h.next().is_none(), "a transaction without rows, no fence");
     }
 
     #[test]

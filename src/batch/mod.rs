@@ -124,6 +124,7 @@ pub(crate) async fn run(
                 Some(SourceEvent::Heartbeat { wal_end }) => {
                     let idle = batcher.is_idle();
                     acks.keepalive(wal_end, idle).into_iter().for_each(|l| stream.ack(l));
+                    batcher.on_keepalive(wal_end);
                 }
                 Some(ev) => batcher.on_event(ev, Instant::now()),
             },
