@@ -194,13 +194,14 @@ pub(crate) async fn run(p: &Pipeline, opts: LoadOptions) -> anyhow::Result<()> {
                     let _permit = permit;
                     let client = pool.lock().unwrap().pop().expect("a connection per permit");
                     let t0 = Instant::now();
+                    let submitted_at = t0.duration_since(started).as_secs_f64();
                     let r = submit(&client, &http, &base, &token, client_id, loan_id, amount, duration).await;
                     let took = t0.elapsed().as_secs_f64() * 1000.0;
                     pool.lock().unwrap().push(client);
                     counts.apps.fetch_add(1, Ordering::Relaxed);
                     match r {
                         Ok(d) => {
-                            latencies.lock().unwrap().push((t0.elapsed().as_secs_f64(), took));
+                            latencies.lock().unwrap().push((submitted_at, took));
                             let included = d["features"]["application_amount"].as_f64() == Some(amount);
                             if !included {
                                 counts.not_included.fetch_add(1, Ordering::Relaxed);
