@@ -139,15 +139,6 @@ impl FeatureEngine {
                 .map(TableId::new)
                 .expect("validated in resolve_mappings");
             let (plan, schema) = plan::plan_file(&ctx, def, &schemas[entity_table.index()]).await?;
-            let session = ctx.state();
-            let plan = session
-                .query_planner()
-                .create_physical_plan(&plan, &session)
-                .await
-                .map_err(|source| FeatureError::Plan {
-                    location: format!("{}: features combined", def.file.display()),
-                    source,
-                })?;
             files.push(CompiledFile {
                 def: def.clone(),
                 plan,

@@ -6,8 +6,9 @@ use super::{output_schema, FeatureError};
 use crate::config::{quote_ident, FeatureFile, FeatureType};
 use crate::source::TableSchema;
 use arrow::datatypes::{DataType, SchemaRef};
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
+use std::sync::Arc;
 
 fn sql_type(t: FeatureType) -> &'static str {
     match t {
@@ -34,7 +35,7 @@ pub(crate) async fn plan_file(
     ctx: &SessionContext,
     def: &FeatureFile,
     entity: &TableSchema,
-) -> Result<(LogicalPlan, SchemaRef), FeatureError> {
+) -> Result<(Arc<dyn ExecutionPlan>, SchemaRef), FeatureError> {
     let key = &def.entity.key;
     let table_key_col =
         entity
@@ -116,10 +117,17 @@ pub(crate) async fn plan_file(
         location: location.clone(),
         source,
     })?;
-    // Optimized once here; each batch only runs the physical plan.
-    let plan = ctx
-        .state()
-        .optimize(df.logical_plan())
-        .map_err(|source| FeatureError::Plan { location, source })?;
+    // Optimized and made physical once here; each batch only runs the physical plan.
+    let err = |source| FeatureError::Plan {
+        location: location.clone(),
+        source,
+    };
+    let session = ctx.state();
+    let plan = session.optimize(df.logical_plan()).map_err(err)?;
+    let plan = session
+        .query_planner()
+        .create_physical_plan(&plan, &session)
+        .await
+        .map_err(err)?;
     Ok((plan, output_schema(def, key_type)))
 }
