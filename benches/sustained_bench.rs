@@ -172,11 +172,17 @@ fn run(
         l
     });
     let started = Instant::now();
-    let scrapes = scrape_every_minute(port, secs);
+    let cpu = Cpu {
+        pipeline: child.id(),
+        loadgen: load.as_ref().map(Child::id),
+        s3: s3_pid,
+    };
+    let scrapes = scrape_every_minute(port, secs, cpu);
     let probes = probe(delta_log, secs, probe_every, first_id);
     let metrics = scrape(port);
-    let mut scrapes = scrapes.join().unwrap();
+    let (mut scrapes, mut cpus) = scrapes.join().unwrap();
     scrapes.push(metrics.clone());
+    cpus.push(cpu.sample());
     if let Some(l) = load {
         print_loadgen(l);
     }
@@ -217,6 +223,7 @@ fn run(
     report_maintenance(&log_text);
     report_metrics(&metrics);
     report_per_minute_metrics(&scrapes);
+    report_per_minute_cpu(&cpus);
     if let Some(pid) = s3_pid {
         // The server shares the 2 cores: its listings walk the whole bucket.
         println!("  s3s-fs CPU so far: {:.1} s", cpu_seconds(pid));
@@ -516,21 +523,12 @@ fn report_maintenance(log: &str) {
     }
 }
 
-/// Mean of each histogram the pipeline exports for batches and table commits.
 /// User + system CPU seconds process `pid` has used (Linux `/proc`).
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) end with `)`.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
-    (ticks(11) + ticks(12)) / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    // utime and stime are fields 14 and 15 of stat(5); the fields kept start at 3.
+    proc_stat(pid).map_or(0.0, |(_, f)| {
+        (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / clock_ticks()
+    })
 }
 
 /// The pipeline's `/metrics` text (empty when it does not answer).
@@ -547,22 +545,119 @@ fn scrape(port: u16) -> String {
         })
 }
 
-/// Scrapes `/metrics` at the start of each whole minute of a run of `secs` (the caller
-/// adds the last one), so that histogram sums can be told apart per minute.
-fn scrape_every_minute(port: u16, secs: f64) -> std::thread::JoinHandle<Vec<String>> {
+/// Scrapes `/metrics` and samples CPU use at the start of each whole minute of a run of
+/// `secs` (the caller adds the last one), so that sums can be told apart per minute.
+type Scrapes = (Vec<String>, Vec<BTreeMap<&'static str, f64>>);
+fn scrape_every_minute(port: u16, secs: f64, cpu: Cpu) -> std::thread::JoinHandle<Scrapes> {
     std::thread::spawn(move || {
         let started = Instant::now();
-        let mut out = vec![scrape(port)];
+        let mut out = (vec![scrape(port)], vec![cpu.sample()]);
         for minute in 1..secs.ceil() as u64 / 60 + 1 {
             let at = started + Duration::from_secs(minute * 60);
             if at.duration_since(started).as_secs_f64() >= secs {
                 break;
             }
             std::thread::sleep(at.saturating_duration_since(Instant::now()));
-            out.push(scrape(port));
+            out.0.push(scrape(port));
+            out.1.push(cpu.sample());
         }
         out
     })
+}
+
+/// The processes whose CPU use a run reports per minute: on 2 cores they share, what
+/// grows in one shows as latency in another.
+#[derive(Clone, Copy)]
+struct Cpu {
+    pipeline: u32,
+    loadgen: Option<u32>,
+    s3: Option<u32>,
+}
+
+impl Cpu {
+    /// Cumulative CPU seconds of each process (Postgres: every server process, plus the
+    /// postmaster's reaped children such as autovacuum workers) and of the whole machine
+    /// (`busy`, from /proc/stat).
+    fn sample(&self) -> BTreeMap<&'static str, f64> {
+        let mut out = BTreeMap::from([("pipeline", cpu_seconds(self.pipeline))]);
+        if let Some(pid) = self.loadgen {
+            out.insert("loadgen", cpu_seconds(pid));
+        }
+        if let Some(pid) = self.s3 {
+            out.insert("s3s-fs", cpu_seconds(pid));
+        }
+        out.insert("postgres", postgres_cpu_seconds());
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<f64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal …: busy is all but idle + iowait.
+        let idle = ticks.get(3).unwrap_or(&0.0) + ticks.get(4).unwrap_or(&0.0);
+        let total: f64 = ticks.iter().take(8).sum();
+        out.insert("busy", (total - idle) / clock_ticks());
+        out
+    }
+}
+
+fn clock_ticks() -> f64 {
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// Fields 3… of `/proc/<pid>/stat` (after the command name, which may hold spaces) and
+/// the command name.
+fn proc_stat(pid: u32) -> Option<(String, Vec<f64>)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_string();
+    let fields = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    Some((comm, fields))
+}
+
+/// CPU seconds of every `postgres` process alive now, plus what the postmaster's exited
+/// children used (its cutime + cstime).
+fn postgres_cpu_seconds() -> f64 {
+    let mut ticks = 0.0;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let Some((comm, f)) = proc_stat(pid) else {
+            continue;
+        };
+        if comm != "postgres" {
+            continue;
+        }
+        // Fields from 3: ppid is index 1, utime/stime 11/12, cutime/cstime 13/14.
+        ticks += f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0);
+        let parent = f.get(1).map(|p| *p as u32).and_then(proc_stat);
+        if parent.is_none_or(|(c, _)| c != "postgres") {
+            ticks += f.get(13).unwrap_or(&0.0) + f.get(14).unwrap_or(&0.0);
+        }
+    }
+    ticks / clock_ticks()
+}
+
+/// CPU seconds per minute of each process sampled, from consecutive samples.
+fn report_per_minute_cpu(samples: &[BTreeMap<&'static str, f64>]) {
+    let Some(first) = samples.first() else { return };
+    for name in first.keys() {
+        let cells: Vec<String> = samples
+            .windows(2)
+            .map(|w| format!("{:.1}", w[1].get(name).unwrap_or(&0.0) - w[0][name]))
+            .collect();
+        println!("  per minute CPU s {name}: {}", cells.join(" "));
+    }
 }
 
 /// `{labels} → (sum, count)` of histogram `name` in one scrape.
@@ -616,6 +711,7 @@ fn report_per_minute_metrics(scrapes: &[String]) {
     }
 }
 
+/// Mean of each histogram the pipeline exports for batches and table commits.
 fn report_metrics(text: &str) {
     for name in [
         "pipeline_batch_seconds",
