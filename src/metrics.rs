@@ -99,7 +99,7 @@ fn describe() {
         ),
         (
             MAINTENANCE_SECONDS,
-            "one maintenance task (compact, checkpoint, vacuum)",
+            "one maintenance task (compact, checkpoint, reload, log_cleanup, vacuum)",
         ),
         (
             OBJECT_STORE_SECONDS,

@@ -172,6 +172,8 @@ struct Tracked {
     table: DeltaTable,
     since_checkpoint: u64,
     since_compaction: u64,
+    /// When expired commit files were last deleted.
+    last_log_cleanup: Option<Instant>,
 }
 
 async fn run(
@@ -195,6 +197,7 @@ async fn run(
                 table: own,
                 since_checkpoint: 0,
                 since_compaction: 0,
+                last_log_cleanup: None,
             };
             tables.insert(path.clone(), tracked);
         }
@@ -272,28 +275,52 @@ async fn maintain_due(
         deltalake::checkpoints::create_checkpoint(&t.table, None)
             .await
             .map_err(derr)?;
+        let written = started.elapsed();
         // The writer continues from a table read from this checkpoint: a snapshot that
         // only ever grows by each commit gets slower to move forward. Offered before the
         // cleanup so that the writer's snapshot updates list the log (from its old
         // checkpoint) for as few commits as possible.
         let fresh = lake.existing_table(path).await?;
         folds.offer_fresh(path, fresh);
-        // The configured retention rather than the table's property, so that tables
-        // created before it was set follow it too.
-        let cutoff = chrono::Utc::now().timestamp_millis()
-            - (config.log_retention_minutes as i64).saturating_mul(60_000);
-        let cleaned = deltalake::checkpoints::cleanup_expired_logs_for(
-            version,
-            t.table.log_store().as_ref(),
-            cutoff,
-            None,
-        )
-        .await
-        .map_err(derr)?;
-        metrics::histogram!(crate::metrics::MAINTENANCE_SECONDS, "task" => "checkpoint")
-            .record(started.elapsed().as_secs_f64());
+        let reloaded = started.elapsed();
+        // Log cleanup lists the whole log (on s3s-fs, the whole bucket): once every
+        // quarter of the retention is enough to keep the log near its retention.
+        let retention = Duration::from_secs(config.log_retention_minutes.saturating_mul(60));
+        let cleaned = if t
+            .last_log_cleanup
+            .is_none_or(|at| at.elapsed() >= retention / 4)
+        {
+            t.last_log_cleanup = Some(Instant::now());
+            // The configured retention rather than the table's property, so that tables
+            // created before it was set follow it too.
+            let cutoff = chrono::Utc::now().timestamp_millis()
+                - (config.log_retention_minutes as i64).saturating_mul(60_000);
+            deltalake::checkpoints::cleanup_expired_logs_for(
+                version,
+                t.table.log_store().as_ref(),
+                cutoff,
+                None,
+            )
+            .await
+            .map(Some)
+            .map_err(derr)?
+        } else {
+            None
+        };
+        let elapsed = started.elapsed();
+        let mut tasks = vec![("checkpoint", written), ("reload", reloaded - written)];
+        if cleaned.is_some() {
+            tasks.push(("log_cleanup", elapsed - reloaded));
+        }
+        for (task, took) in tasks {
+            metrics::histogram!(crate::metrics::MAINTENANCE_SECONDS, "task" => task)
+                .record(took.as_secs_f64());
+        }
+        let ms = |d: Duration| d.as_millis() as u64;
+        let cleaned = cleaned.unwrap_or(0);
         tracing::info!(table = %path, checkpoint_version = version, logs_cleaned = cleaned,
-            elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint written");
+            elapsed_ms = ms(elapsed), write_ms = ms(written), reload_ms = ms(reloaded - written),
+            cleanup_ms = ms(elapsed - reloaded), "checkpoint written");
     }
     Ok(())
 }
