@@ -226,7 +226,9 @@ impl LakeConfig {
     }
 
     pub fn open(&self) -> Result<crate::sink::Lake, crate::sink::SinkError> {
-        crate::sink::Lake::new(&self.url, &self.storage_options)
+        let retention = self.maintenance.log_retention_minutes.saturating_mul(60);
+        Ok(crate::sink::Lake::new(&self.url, &self.storage_options)?
+            .with_log_retention(Duration::from_secs(retention)))
     }
 
     fn validate(&self) -> Result<(), Invalid> {

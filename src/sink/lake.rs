@@ -68,6 +68,14 @@ impl Lake {
         })
     }
 
+    /// Tells the lake how long its tables keep commit files before log cleanup may delete
+    /// them (`lake.maintenance.log_retention_minutes`), so that listings of the recent log
+    /// can be answered from the commits it has seen even before a newer checkpoint.
+    pub fn with_log_retention(mut self, retention: std::time::Duration) -> Lake {
+        self.log_cache = Arc::new(LogCache::new(retention));
+        self
+    }
+
     pub fn root(&self) -> &Url {
         &self.root
     }

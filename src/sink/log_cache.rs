@@ -5,6 +5,11 @@
 //! checkpoint is still there, and the entries after such a version are the cached run
 //! plus whatever follows it, found by name until the first missing version.
 //!
+//! Before the newest checkpoint, log cleanup deletes commits older than the log retention.
+//! A run of commits all younger than half of it is still there too, and answers a listing
+//! that starts before the checkpoint (a writer's snapshot update right after a checkpoint
+//! lists from its own, older one); see [`LogCache::still_there`].
+//!
 //! It also keeps the bodies of the commits this process wrote (the kernel reads each new
 //! commit back, more than once, to move a snapshot on: on an object store each read is a
 //! request) and what `_last_checkpoint` said, read again after [`CHECKPOINT_HINT_TTL`] or
@@ -25,6 +30,10 @@ pub(crate) const CHECKPOINT_HINT_TTL: Duration = Duration::from_secs(1);
 /// Commit bodies kept per log: enough for every reader to catch up after a commit.
 const BODIES_KEPT: u64 = 64;
 
+/// Commits kept before the newest checkpoint: more than a checkpoint interval, so that a
+/// writer whose snapshot still rests on the checkpoint before finds its commits here.
+const KEPT_BEFORE_CHECKPOINT: u64 = 1_000;
+
 /// What is known of one `_delta_log`.
 #[derive(Debug, Default)]
 struct Log {
@@ -44,6 +53,10 @@ struct Log {
 #[derive(Debug, Default)]
 pub(crate) struct LogCache {
     logs: Mutex<HashMap<Path, Log>>,
+    /// Commits younger than this cannot have been cleaned up: half the log retention
+    /// (the other half a margin for clocks and slow readers). Zero when the retention is
+    /// unknown: then nothing before the newest checkpoint is answered from here.
+    unexpired: Duration,
 }
 
 /// The version a log file name starts with (`{version:020}…`, as every commit and
@@ -62,6 +75,26 @@ fn commit_version(location: &Path) -> Option<u64> {
 }
 
 impl LogCache {
+    /// A cache for a lake whose tables keep commit files `log_retention` before cleanup
+    /// may delete them (`delta.logRetentionDuration`).
+    pub(crate) fn new(log_retention: Duration) -> LogCache {
+        LogCache {
+            logs: Mutex::default(),
+            unexpired: log_retention / 2,
+        }
+    }
+
+    /// Whether every commit of `run` (a run from [`LogCache::run_from`]) is too young for
+    /// log cleanup to have deleted it. Cleanup compares a file's `last_modified` with its
+    /// own clock, as this does.
+    pub(crate) fn still_there(&self, run: &[ObjectMeta]) -> bool {
+        let oldest = run.iter().map(|m| m.last_modified).min();
+        let Ok(unexpired) = chrono::Duration::from_std(self.unexpired) else {
+            return false;
+        };
+        !self.unexpired.is_zero() && oldest.is_some_and(|t| chrono::Utc::now() - t < unexpired)
+    }
+
     /// The cached commits from version `from` on, up to the first version not cached.
     pub(crate) fn run_from(&self, log: &Path, from: u64) -> Vec<ObjectMeta> {
         let logs = self.logs.lock().expect("log cache lock");
@@ -164,12 +197,14 @@ impl LogCache {
         known.checkpoint_epoch += 1;
     }
 
-    /// Forgets the commits before `version` (cleanup may delete them; none is asked for).
-    pub(crate) fn forget_before(&self, log: &Path, version: u64) {
+    /// `checkpoint` is the newest: forgets the commits well before it (cleanup may
+    /// delete them; listings start at a checkpoint, and rarely at an older one).
+    pub(crate) fn checkpointed_at(&self, log: &Path, checkpoint: u64) {
+        let keep_from = checkpoint.saturating_sub(KEPT_BEFORE_CHECKPOINT);
         let mut logs = self.logs.lock().expect("log cache lock");
         if let Some(known) = logs.get_mut(log) {
-            known.commits = known.commits.split_off(&version);
-            known.bodies = known.bodies.split_off(&version);
+            known.commits = known.commits.split_off(&keep_from);
+            known.bodies = known.bodies.split_off(&keep_from);
         }
     }
 
@@ -237,7 +272,7 @@ mod tests {
         assert_eq!(versions(7), [7]);
         cache.forget(&seen[1].location);
         assert_eq!(versions(3), [3]);
-        cache.forget_before(&log, 5);
+        cache.checkpointed_at(&log, 5 + KEPT_BEFORE_CHECKPOINT);
         assert_eq!(versions(3), Vec::<u64>::new());
         assert_eq!(versions(5), [5]);
         // Another table's log is apart; a checkpoint or a staging file is no commit.
@@ -251,6 +286,24 @@ mod tests {
         ] {
             assert_eq!(commit_version(&log.clone().join(name)), None, "{name}");
         }
+    }
+
+    #[test]
+    fn only_commits_younger_than_half_the_retention_are_still_there() {
+        let log = Path::from("lake/t/_delta_log");
+        let aged = |version, minutes| ObjectMeta {
+            last_modified: chrono::Utc::now() - chrono::Duration::minutes(minutes),
+            ..meta(&log, version)
+        };
+        let cache = LogCache::new(Duration::from_secs(600));
+        assert!(cache.still_there(&[aged(3, 4), aged(4, 0)]));
+        assert!(
+            !cache.still_there(&[aged(3, 6), aged(4, 0)]),
+            "one is too old"
+        );
+        assert!(!cache.still_there(&[]));
+        let unknown = LogCache::default();
+        assert!(!unknown.still_there(&[aged(3, 0)]), "no retention: never");
     }
 
     #[test]

@@ -101,10 +101,15 @@ impl std::fmt::Display for LogProbe {
 /// The entries after `offset` in `log`, when it lies at or after the newest checkpoint
 /// (which `_last_checkpoint` names): that checkpoint if the offset is its version (a
 /// table load), the cached commits from the offset's version on, the ones after them
-/// found by name until one is missing, and `_last_checkpoint`. `None` (list instead) when
-/// the offset names no version, lies before the newest checkpoint (where cleanup may be
-/// deleting), follows no commit this lake has seen, or the newest cached commit has
-/// changed (the table was made again).
+/// found by name until one is missing, and `_last_checkpoint`. Before the newest
+/// checkpoint (a writer's snapshot update lists from its own, older checkpoint) cleanup
+/// may be deleting: answered only when the cached run from the offset is too young for
+/// it ([`LogCache::still_there`]), and without the checkpoints in between, which the
+/// kernel needs no more than it needs the commits' own replay (they are only shortcuts;
+/// the writer takes the table the maintainer loads from the new one at its next append).
+/// `None` (list instead) when the offset names no version, lies before the newest
+/// checkpoint with no such run, follows no commit this lake has seen, or the newest
+/// cached commit has changed (the table was made again).
 async fn cached_after(
     files: &LogFiles,
     cache: &LogCache,
@@ -116,13 +121,13 @@ async fn cached_after(
     };
     let at = |file: String| log.clone().join(file.as_str());
     let (hint, checkpointed) = read_last_checkpoint(files, cache, log).await?;
+    let run = cache.run_from(log, first);
     if let Some(checkpoint) = checkpointed {
-        if first < checkpoint {
+        if first < checkpoint && !cache.still_there(&run) {
             return Ok(None);
         }
-        cache.forget_before(log, checkpoint);
+        cache.checkpointed_at(log, checkpoint);
     }
-    let run = cache.run_from(log, first);
     if run.is_empty() && !first.checked_sub(1).is_some_and(|v| cache.knows(log, v)) {
         // Nothing seen here yet: how many versions follow is unknown, so list once.
         return Ok(None);
@@ -496,6 +501,58 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(sizes, [11, 11], "4 and 5 as made again");
+    }
+
+    #[tokio::test]
+    async fn before_the_checkpoint_young_commits_seen_answer_and_old_ones_are_listed() {
+        let Fixture {
+            _dir,
+            log,
+            local,
+            prefix,
+            ..
+        } = fixture();
+        let fast = LogProbe::new(
+            local.clone(),
+            true,
+            Arc::new(LogCache::new(std::time::Duration::from_secs(600))),
+        );
+        write_commits(&log, 3..8);
+        let (got, want) = both(&fast, &local, &prefix, "00000000000000000003").await;
+        assert_eq!((got.len(), &got), (5, &want), "listed once, then known");
+        // A checkpoint at 5 since (written here: the hint is read again at once), and a
+        // writer still on its older one lists from 4.
+        write(&log, "00000000000000000005.checkpoint.parquet", "x");
+        let hint = prefix.clone().join("_last_checkpoint");
+        let body = r#"{"version":5,"size":3}"#;
+        fast.put(&hint, body.into()).await.unwrap();
+        std::fs::remove_file(log.join("00000000000000000004.json")).unwrap();
+        let (got, mut want) = both(&fast, &local, &prefix, "00000000000000000003").await;
+        want.retain(|n| !n.ends_with(".checkpoint.parquet"));
+        want.push(prefix.clone().join("00000000000000000004.json").to_string());
+        want.sort();
+        assert_eq!(
+            got, want,
+            "from the cache (4 still answered), the checkpoint left out"
+        );
+        // A run older than half the retention may be partly gone: listed.
+        let aged = LogProbe::new(
+            local.clone(),
+            true,
+            Arc::new(LogCache::new(std::time::Duration::from_secs(600))),
+        );
+        write_commits(&log, [4]);
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(400);
+        let three = std::fs::File::options()
+            .write(true)
+            .open(log.join("00000000000000000003.json"))
+            .unwrap();
+        three.set_modified(old).unwrap();
+        let (got, want) = both(&aged, &local, &prefix, "00000000000000000003").await;
+        assert_eq!((got.len(), &got), (7, &want), "listed: nothing known yet");
+        std::fs::remove_file(log.join("00000000000000000004.json")).unwrap();
+        let (got, want) = both(&aged, &local, &prefix, "00000000000000000003").await;
+        assert_eq!((got.len(), &got), (6, &want), "listed again: 3 is too old");
     }
 
     #[tokio::test]
