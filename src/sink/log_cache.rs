@@ -56,7 +56,7 @@ pub(crate) struct LogCache {
     /// Commits younger than this cannot have been cleaned up: half the log retention
     /// (the other half a margin for clocks and slow readers). Zero when the retention is
     /// unknown: then nothing before the newest checkpoint is answered from here.
-    unexpired: Duration,
+    unexpired: chrono::Duration,
 }
 
 /// The version a log file name starts with (`{version:020}…`, as every commit and
@@ -80,7 +80,8 @@ impl LogCache {
     pub(crate) fn new(log_retention: Duration) -> LogCache {
         LogCache {
             logs: Mutex::default(),
-            unexpired: log_retention / 2,
+            // A retention too long for chrono is as good as unknown: nothing trusted.
+            unexpired: chrono::Duration::from_std(log_retention / 2).unwrap_or_default(),
         }
     }
 
@@ -89,10 +90,7 @@ impl LogCache {
     /// own clock, as this does.
     pub(crate) fn still_there(&self, run: &[ObjectMeta]) -> bool {
         let oldest = run.iter().map(|m| m.last_modified).min();
-        let Ok(unexpired) = chrono::Duration::from_std(self.unexpired) else {
-            return false;
-        };
-        !self.unexpired.is_zero() && oldest.is_some_and(|t| chrono::Utc::now() - t < unexpired)
+        !self.unexpired.is_zero() && oldest.is_some_and(|t| chrono::Utc::now() - t < self.unexpired)
     }
 
     /// The cached commits from version `from` on, up to the first version not cached.

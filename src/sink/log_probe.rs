@@ -521,7 +521,7 @@ mod tests {
         let (got, want) = both(&fast, &local, &prefix, "00000000000000000003").await;
         assert_eq!((got.len(), &got), (5, &want), "listed once, then known");
         // A checkpoint at 5 since (written here: the hint is read again at once), and a
-        // writer still on its older one lists from 4.
+        // writer still on its older one (at 2) lists from 3.
         write(&log, "00000000000000000005.checkpoint.parquet", "x");
         let hint = prefix.clone().join("_last_checkpoint");
         let body = r#"{"version":5,"size":3}"#;

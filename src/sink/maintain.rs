@@ -293,8 +293,10 @@ async fn maintain_due(
             t.last_log_cleanup = Some(Instant::now());
             // The configured retention rather than the table's property, so that tables
             // created before it was set follow it too.
-            let cutoff = chrono::Utc::now().timestamp_millis()
-                - (config.log_retention_minutes as i64).saturating_mul(60_000);
+            let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+            let cutoff = chrono::Utc::now()
+                .timestamp_millis()
+                .saturating_sub(retention_ms);
             deltalake::checkpoints::cleanup_expired_logs_for(
                 version,
                 t.table.log_store().as_ref(),
