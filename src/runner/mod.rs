@@ -23,6 +23,7 @@ mod snapshot;
 mod stages;
 mod start;
 mod supervise;
+mod thread_time;
 
 pub use policy::{action, Action};
 pub use start::Refusal;

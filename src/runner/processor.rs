@@ -14,6 +14,7 @@
 //! Online values may so be served before their Delta commit is durable; a crash in
 //! between replays the same transactions from the slot and commits the same values.
 
+use super::thread_time::ThreadClock;
 use super::{policy, RunError};
 use crate::batch::{BatchKind, ChangeBatch};
 use crate::changelog::{Lsn, LSN};
@@ -23,7 +24,10 @@ use crate::sink::{Destination, LakeTable, SinkError, Writes};
 use crate::source::TableSchema;
 use arrow::array::{AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::Int64Type;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// A step slower than this logs where its time went (at debug level).
+pub(crate) const SLOW_STEP: Duration = Duration::from_millis(10);
 
 /// What the committer does with one batch, in the order the batches came.
 pub(crate) enum Work {
@@ -55,7 +59,7 @@ pub(crate) struct BatchInfo {
     pub batches: usize,
     pub first_received: Instant,
     /// How long applying and computing took, over the group.
-    pub compute: std::time::Duration,
+    pub compute: Duration,
     /// When the (last) batch was computed: the wait for the committer starts.
     pub computed: Instant,
 }
@@ -176,6 +180,7 @@ impl<'a> Compute<'a> {
     /// returns what must be written.
     pub(crate) async fn compute(&mut self, mut batch: ChangeBatch) -> Result<Work, RunError> {
         let started = Instant::now();
+        let clock = ThreadClock::start();
         // Before anything reads the rows: the raw mirror and state get the full image.
         self.engine
             .state()
@@ -200,10 +205,12 @@ impl<'a> Compute<'a> {
                     .take()
                     .unwrap_or_else(|| self.engine.no_entities());
                 self.engine.apply(&batch, &mut touched)?;
+                let applied = started.elapsed();
                 let features = self
                     .engine
                     .compute_touched(touched, batch.commit_lsn, batch.commit_ts_micros)
                     .await?;
+                let computed = started.elapsed();
                 if let Some(online) = self.online {
                     for f in &features {
                         online.apply(&f.table, &f.batch);
@@ -216,6 +223,21 @@ impl<'a> Compute<'a> {
                     .into_iter()
                     .map(|(path, rows)| (path, vec![rows]))
                     .collect();
+                if started.elapsed() >= SLOW_STEP {
+                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                    let spent = clock.spent();
+                    tracing::debug!(
+                        rows = batch.rows,
+                        apply_ms = ms(applied),
+                        features_ms = ms(computed - applied),
+                        total_ms = ms(started.elapsed()),
+                        on_cpu_ms = ms(spent.on_cpu),
+                        runnable_ms = ms(spent.runnable),
+                        asleep_ms = ms(spent.asleep),
+                        moved = spent.moved,
+                        "slow compute"
+                    );
+                }
                 Ok(Work::Commit {
                     raw,
                     features: feature_writes(features),
