@@ -202,9 +202,11 @@ fn run(
     let samples: Vec<(f64, f64)> = probes.samples.iter().map(|p| (p.0, p.2)).collect();
     report("commit → visible in features/client_features", &samples);
     println!(
-        "  probes: {} committed, {} visible, {} never seen within 30 s",
+        "  probes: {} committed, {} visible ({} before their COMMIT returned), {} never seen \
+         within 30 s",
         probes.committed,
         probes.samples.len(),
+        probes.samples.iter().filter(|p| p.2 == 0.0).count(),
         probes.lost
     );
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -250,7 +252,7 @@ fn pipeline_file(dir: &Path, lake: LakeConfig, port: u16) -> PathBuf {
 
 /// Starts `pipeline run` logging to `log` (sink commits at debug) and waits until it streams.
 fn start(file: &Path, log: &Path) -> Child {
-    let rust_log = "warn,pipeline=info,pipeline::sink=debug";
+    let rust_log = "warn,pipeline=info,pipeline::sink=debug,pipeline::runner=debug";
     common::start_streaming(file, log, rust_log, Duration::from_secs(300)).0
 }
 
@@ -355,7 +357,18 @@ fn watch(
 ) -> Vec<(f64, i64, f64)> {
     let mut next = latest_version(delta_log) + 1;
     let mut out = Vec::new();
+    // (highest key added, when seen) per version read, in order. A probe may be in the
+    // lake before its COMMIT returns (the walsender sends a transaction once its WAL is
+    // flushed, before the client hears back), so it is resolved against every version
+    // seen, not only those read after it was queued: such a probe counts 0 ms.
+    let mut seen_versions: VecDeque<(i64, Instant)> = VecDeque::new();
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        resolve(
+            &mut pending.lock().unwrap(),
+            &seen_versions,
+            started,
+            &mut out,
+        );
         let path = delta_log.join(format!("{next:020}.json"));
         let Ok(text) = std::fs::read_to_string(&path) else {
             std::thread::sleep(Duration::from_micros(500));
@@ -368,20 +381,35 @@ fn watch(
             continue;
         };
         next += 1;
-        let mut pending = pending.lock().unwrap();
-        while let Some(&(id, committed)) = pending.front() {
-            if max_key.is_none_or(|m| id > m) {
-                break;
+        if let Some(key) = max_key {
+            seen_versions.push_back((key, seen));
+            if seen_versions.len() > 1000 {
+                seen_versions.pop_front();
             }
-            pending.pop_front();
-            out.push((
-                committed.duration_since(started).as_secs_f64(),
-                id,
-                seen.duration_since(committed).as_secs_f64() * 1000.0,
-            ));
         }
     }
     out
+}
+
+/// Pops the pending probes a version seen carries, oldest first, into `out` as
+/// (committed s since `started`, id, commit → seen ms, 0 when seen first).
+fn resolve(
+    pending: &mut VecDeque<(i64, Instant)>,
+    seen_versions: &VecDeque<(i64, Instant)>,
+    started: Instant,
+    out: &mut Vec<(f64, i64, f64)>,
+) {
+    while let Some(&(id, committed)) = pending.front() {
+        let Some(&(_, seen)) = seen_versions.iter().find(|(key, _)| *key >= id) else {
+            break;
+        };
+        pending.pop_front();
+        out.push((
+            committed.duration_since(started).as_secs_f64(),
+            id,
+            seen.saturating_duration_since(committed).as_secs_f64() * 1000.0,
+        ));
+    }
 }
 
 /// The highest `client_id` a commit adds with `dataChange` (Some(None) for a commit that
