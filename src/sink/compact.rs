@@ -61,30 +61,84 @@ impl Compaction {
     }
 }
 
-/// The table's files smaller than `small_bytes`, oldest first, up to `target_bytes` in
-/// all; `None` when fewer than two (nothing to gain).
+/// Files up to this size are the first tier: appends' files and what merging them
+/// made, merged together at nearly every compaction.
+const FIRST_TIER_BYTES: i64 = 64 * 1024;
+/// Each next tier holds files up to this many times larger; a tier above the first is
+/// merged once it has this many files, into (about) one file of the tier above.
+const FAN_IN: usize = 8;
+
+/// Which of the table's files to merge now, by size tier (as in size-tiered LSM
+/// compaction): the lowest tier above the first that has [`FAN_IN`] files, else the
+/// first tier when it has two or more; all of that tier, oldest first, up to
+/// `target_bytes` in all. Files of `small_bytes` and more are left alone. So a
+/// compaction rewrites about what was appended since the last one, not the whole table:
+/// merging everything small each time rewrote a raw table's snapshot file (megabytes)
+/// every few seconds, and its fsync and CPU held the appends beside it. The files stay
+/// few: the first tier's plus fewer than `FAN_IN` per tier up to `small_bytes`.
 pub(crate) fn plan(
     table: &DeltaTable,
     small_bytes: i64,
     target_bytes: i64,
 ) -> Result<Option<Vec<Remove>>, DeltaTableError> {
-    let mut small: Vec<_> = table
+    let files: Vec<_> = table
         .snapshot()?
         .log_data()
         .into_iter()
         .filter(|f| f.size() < small_bytes)
         .collect();
-    small.sort_by_key(|f| f.modification_time());
-    let mut total = 0;
-    let picked: Vec<Remove> = small
+    let sized: Vec<(i64, i64)> = files
         .iter()
-        .take_while(|f| {
-            total += f.size();
+        .map(|f| (f.size(), f.modification_time()))
+        .collect();
+    let picked = pick(&sized, target_bytes);
+    Ok((!picked.is_empty()).then(|| {
+        picked
+            .into_iter()
+            .map(|i| files[i].remove_action(false))
+            .collect()
+    }))
+}
+
+/// The tier of a file of `size` bytes: 0 up to [`FIRST_TIER_BYTES`], then one more per
+/// factor of [`FAN_IN`].
+fn tier(size: i64) -> u32 {
+    let mut bound = FIRST_TIER_BYTES;
+    let mut tier = 0;
+    while size > bound {
+        bound = bound.saturating_mul(FAN_IN as i64);
+        tier += 1;
+    }
+    tier
+}
+
+/// [`plan`] on (size, modification time) pairs: the indexes to merge, none when no tier
+/// is due.
+fn pick(files: &[(i64, i64)], target_bytes: i64) -> Vec<usize> {
+    let mut tiers: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, &(size, _)) in files.iter().enumerate() {
+        tiers.entry(tier(size)).or_default().push(i);
+    }
+    // A due tier above the first goes first: the first is due at nearly every round.
+    let first = tiers.remove(&0).unwrap_or_default();
+    let due = tiers.into_values().find(|members| members.len() >= FAN_IN);
+    let Some(mut members) = due.or((first.len() >= 2).then_some(first)) else {
+        return Vec::new();
+    };
+    members.sort_by_key(|&i| files[i].1);
+    let mut total = 0;
+    let picked: Vec<usize> = members
+        .into_iter()
+        .take_while(|&i| {
+            total += files[i].0;
             total <= target_bytes
         })
-        .map(|f| f.remove_action(false))
         .collect();
-    Ok((picked.len() >= 2).then_some(picked))
+    if picked.len() >= 2 {
+        picked
+    } else {
+        Vec::new()
+    }
 }
 
 /// Reads the files `removes` names and writes their rows as one new file of `table`
@@ -207,4 +261,57 @@ pub(crate) async fn continue_from(current: DeltaTable, loaded: DeltaTable) -> De
         }
     }
     fresh
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIB: i64 = 1024;
+
+    #[test]
+    fn tiers_grow_by_the_fan_in() {
+        assert_eq!(tier(1), 0);
+        assert_eq!(tier(FIRST_TIER_BYTES), 0);
+        assert_eq!(tier(FIRST_TIER_BYTES + 1), 1);
+        assert_eq!(tier(FIRST_TIER_BYTES * FAN_IN as i64), 1);
+        assert_eq!(tier(FIRST_TIER_BYTES * FAN_IN as i64 + 1), 2);
+    }
+
+    #[test]
+    fn appends_merge_without_the_large_file_beside_them() {
+        // A 2 MiB snapshot file, then twenty 4 KiB appends.
+        let mut files = vec![(2048 * KIB, 0)];
+        files.extend((1..=20).map(|t| (4 * KIB, t)));
+        let picked = pick(&files, 128 * 1024 * KIB);
+        assert_eq!(picked, (1..=20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_higher_tier_merges_only_once_it_has_the_fan_in() {
+        let mid = 100 * KIB;
+        let mut files: Vec<(i64, i64)> = (0..FAN_IN as i64 - 1).map(|t| (mid, t)).collect();
+        files.push((4 * KIB, 100));
+        assert!(
+            pick(&files, i64::MAX).is_empty(),
+            "one first-tier file, too few in tier 1"
+        );
+        files.push((mid, 50));
+        let picked = pick(&files, i64::MAX);
+        assert_eq!(picked.len(), FAN_IN);
+        assert!(picked.iter().all(|&i| files[i].0 == mid));
+        // Oldest first: the one added last (index FAN_IN, after the first-tier file).
+        assert_eq!(picked.last(), Some(&FAN_IN));
+    }
+
+    #[test]
+    fn a_due_higher_tier_goes_before_the_first_and_the_target_caps_a_merge() {
+        let mut files: Vec<(i64, i64)> = (0..FAN_IN as i64).map(|t| (100 * KIB, t)).collect();
+        files.extend((10..13).map(|t| (10 * KIB, t)));
+        assert_eq!(pick(&files, i64::MAX), (0..FAN_IN).collect::<Vec<_>>());
+        assert_eq!(pick(&files, 250 * KIB), vec![0, 1]);
+        files.truncate(FAN_IN - 1);
+        files.extend((10..13).map(|t| (10 * KIB, t)));
+        assert_eq!(pick(&files, i64::MAX), vec![FAN_IN - 1, FAN_IN, FAN_IN + 1]);
+    }
 }
