@@ -67,19 +67,25 @@ pub async fn maintain_table(
         .await
         .map_err(derr)?;
     report.checkpoint_version = table.version();
-    // The configured retention rather than the table's property, so that tables created
-    // before it was set follow it too.
-    let cutoff = chrono::Utc::now().timestamp_millis()
-        - (config.log_retention_minutes as i64).saturating_mul(60_000);
     report.logs_cleaned = deltalake::checkpoints::cleanup_expired_logs_for(
         report.checkpoint_version.unwrap_or(0),
         table.log_store().as_ref(),
-        cutoff,
+        log_cleanup_cutoff(config),
         None,
     )
     .await
     .map_err(derr)?;
     Ok(report)
+}
+
+/// Commit files last modified before this (ms since the epoch) may be deleted: the
+/// configured retention rather than the table's property, so that tables created before
+/// it was set follow it too.
+fn log_cleanup_cutoff(config: &MaintenanceConfig) -> i64 {
+    let retention_ms = (config.log_retention_minutes as i64).saturating_mul(60_000);
+    chrono::Utc::now()
+        .timestamp_millis()
+        .saturating_sub(retention_ms)
 }
 
 /// How much less CPU the maintainer's thread claims than the pipeline's (a Linux nice
@@ -291,16 +297,10 @@ async fn maintain_due(
             .is_none_or(|at| at.elapsed() >= retention / 4)
         {
             t.last_log_cleanup = Some(Instant::now());
-            // The configured retention rather than the table's property, so that tables
-            // created before it was set follow it too.
-            let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-            let cutoff = chrono::Utc::now()
-                .timestamp_millis()
-                .saturating_sub(retention_ms);
             deltalake::checkpoints::cleanup_expired_logs_for(
                 version,
                 t.table.log_store().as_ref(),
-                cutoff,
+                log_cleanup_cutoff(config),
                 None,
             )
             .await
