@@ -26,9 +26,6 @@ use arrow::array::{AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::Int64Type;
 use std::time::{Duration, Instant};
 
-/// A step slower than this logs where its time went (at debug level).
-pub(crate) const SLOW_STEP: Duration = Duration::from_millis(10);
-
 /// What the committer does with one batch, in the order the batches came.
 pub(crate) enum Work {
     /// A piece of a large transaction: its raw rows, written ahead without a commit.
@@ -223,20 +220,10 @@ impl<'a> Compute<'a> {
                     .into_iter()
                     .map(|(path, rows)| (path, vec![rows]))
                     .collect();
-                if started.elapsed() >= SLOW_STEP {
+                if let Some(spent) = clock.slow() {
                     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-                    let spent = clock.spent();
-                    tracing::debug!(
-                        rows = batch.rows,
-                        apply_ms = ms(applied),
-                        features_ms = ms(computed - applied),
-                        total_ms = ms(started.elapsed()),
-                        on_cpu_ms = ms(spent.on_cpu),
-                        runnable_ms = ms(spent.runnable),
-                        asleep_ms = ms(spent.asleep),
-                        moved = spent.moved,
-                        "slow compute"
-                    );
+                    tracing::debug!(rows = batch.rows, apply_ms = ms(applied),
+                        features_ms = ms(computed - applied), %spent, "slow compute");
                 }
                 Ok(Work::Commit {
                     raw,

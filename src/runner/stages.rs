@@ -1,6 +1,6 @@
 //! One run's stages, prepared: the steps [`super::run_stages`] wires, one method each.
 
-use super::processor::{BatchInfo, Committer, Compute, Work, SLOW_STEP};
+use super::processor::{BatchInfo, Committer, Compute, Work};
 use super::thread_time::ThreadClock;
 use super::{fence, rebuild, snapshot, RunError, RunSummary, SchemaOverrides};
 use crate::batch::{self, BatcherOptions, ChangeBatch, SchemaChange};
@@ -341,17 +341,8 @@ async fn commit_loop<D: Destination + Send + Sync>(
         let Some(lsn) = committer.commit(work).await? else {
             continue;
         };
-        if started.elapsed() >= SLOW_STEP {
-            let ms = |d: Duration| d.as_secs_f64() * 1e3;
-            let spent = clock.spent();
-            tracing::debug!(
-                total_ms = ms(started.elapsed()),
-                on_cpu_ms = ms(spent.on_cpu),
-                runnable_ms = ms(spent.runnable),
-                asleep_ms = ms(spent.asleep),
-                moved = spent.moved,
-                "slow commit"
-            );
+        if let Some(spent) = clock.slow() {
+            tracing::debug!(%spent, "slow commit");
         }
         drop(permits);
         crate::fault::crash_point("before_ack");

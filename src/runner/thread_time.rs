@@ -6,6 +6,9 @@
 
 use std::time::{Duration, Instant};
 
+/// A step slower than this logs where its time went (at debug level).
+const SLOW_STEP: Duration = Duration::from_millis(10);
+
 /// The calling thread's scheduler counters at a moment.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ThreadClock {
@@ -15,13 +18,15 @@ pub(crate) struct ThreadClock {
 }
 
 /// How a step's wall time divides; `moved` when the task resumed on another thread, so
-/// the split mixes two threads' counters and is only a hint.
+/// the split mixes two threads' counters and is only a hint. Shown as the `key=ms`
+/// fields a slow-step log line carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Spent {
-    pub(crate) on_cpu: Duration,
-    pub(crate) runnable: Duration,
-    pub(crate) asleep: Duration,
-    pub(crate) moved: bool,
+    total: Duration,
+    on_cpu: Duration,
+    runnable: Duration,
+    asleep: Duration,
+    moved: bool,
 }
 
 impl ThreadClock {
@@ -33,9 +38,14 @@ impl ThreadClock {
         }
     }
 
+    /// The split since [`ThreadClock::start`] when that took [`SLOW_STEP`] or more.
+    pub(crate) fn slow(&self) -> Option<Spent> {
+        (self.started.elapsed() >= SLOW_STEP).then(|| self.spent())
+    }
+
     /// The split since [`ThreadClock::start`]; all of it `asleep` where the kernel keeps
     /// no schedstat.
-    pub(crate) fn spent(&self) -> Spent {
+    fn spent(&self) -> Spent {
         let wall = self.started.elapsed();
         let moved = std::thread::current().id() != self.thread;
         let (on_cpu, runnable) = match (self.counters, counters()) {
@@ -46,11 +56,27 @@ impl ThreadClock {
             _ => (Duration::ZERO, Duration::ZERO),
         };
         Spent {
+            total: wall,
             on_cpu,
             runnable,
             asleep: wall.saturating_sub(on_cpu + runnable),
             moved,
         }
+    }
+}
+
+impl std::fmt::Display for Spent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        write!(
+            f,
+            "total_ms={:.3} on_cpu_ms={:.3} runnable_ms={:.3} asleep_ms={:.3} moved={}",
+            ms(self.total),
+            ms(self.on_cpu),
+            ms(self.runnable),
+            ms(self.asleep),
+            self.moved
+        )
     }
 }
 
@@ -88,6 +114,15 @@ mod tests {
         }
         let spent = clock.spent();
         assert!(!spent.moved);
+        assert!(
+            ThreadClock::start().slow().is_none(),
+            "a step just begun is not slow"
+        );
+        let line = clock.slow().expect("30 ms is slow").to_string();
+        assert!(
+            line.starts_with("total_ms=") && line.ends_with("moved=false"),
+            "{line}"
+        );
         if cfg!(target_os = "linux") {
             // Busy or preempted, never asleep for most of it.
             assert!(
