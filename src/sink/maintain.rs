@@ -82,7 +82,8 @@ pub async fn maintain_table(
 /// configured retention rather than the table's property, so that tables created before
 /// it was set follow it too.
 fn log_cleanup_cutoff(config: &MaintenanceConfig) -> i64 {
-    let retention_ms = (config.log_retention_minutes as i64).saturating_mul(60_000);
+    let minutes = i64::try_from(config.log_retention_minutes).unwrap_or(i64::MAX);
+    let retention_ms = minutes.saturating_mul(60_000);
     chrono::Utc::now()
         .timestamp_millis()
         .saturating_sub(retention_ms)
