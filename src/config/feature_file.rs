@@ -14,9 +14,19 @@ pub const OUTPUT_LSN: &str = crate::changelog::LSN;
 pub const COMPUTED_AT: &str = "computed_at";
 /// The entity is gone (its row in the entity table was deleted).
 pub const DELETED: &str = "_deleted";
-/// Columns every feature table has besides its key and features: no feature may take
-/// these names.
-pub const OUTPUT_COLUMNS: [&str; 4] = [FEATURE_TIME, OUTPUT_LSN, COMPUTED_AT, DELETED];
+/// Commit time (UTC) of the source transaction the row was computed for: from then on
+/// the pipeline knew this value (a training set's known time). NULL in rows written
+/// before the column existed (it is added to older tables on start).
+pub const OUTPUT_COMMIT_TS: &str = crate::changelog::COMMIT_TS;
+/// Columns every feature table has besides its key and features, in this order after
+/// them: no feature may take these names.
+pub const OUTPUT_COLUMNS: [&str; 5] = [
+    FEATURE_TIME,
+    OUTPUT_LSN,
+    COMPUTED_AT,
+    DELETED,
+    OUTPUT_COMMIT_TS,
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

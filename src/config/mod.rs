@@ -12,7 +12,7 @@ pub use decisions::{ApplicationDef, DecisionsFile, RuleDef};
 use feature_file::find_line;
 pub use feature_file::{
     EntityDef, FeatureDef, FeatureFile, FeatureType, SourceMapping, COMPUTED_AT, DELETED,
-    FEATURE_TIME, OUTPUT_COLUMNS, OUTPUT_LSN,
+    FEATURE_TIME, OUTPUT_COLUMNS, OUTPUT_COMMIT_TS, OUTPUT_LSN,
 };
 pub use interpolate::interpolate;
 pub use maintenance::MaintenanceConfig;

@@ -46,9 +46,13 @@ pub enum FeatureError {
         table: String,
         source: arrow::error::ArrowError,
     },
+    #[error("no feature table `{0}` in the pipeline's feature files")]
+    UnknownTable(String),
 }
 
-pub use crate::config::{COMPUTED_AT, DELETED, FEATURE_TIME, OUTPUT_LSN as LSN};
+pub use crate::config::{
+    COMPUTED_AT, DELETED, FEATURE_TIME, OUTPUT_COMMIT_TS as COMMIT_TS, OUTPUT_LSN as LSN,
+};
 
 /// Entities per query when computing every entity's features (after a snapshot).
 const ALL_ENTITIES_CHUNK: usize = 8_192;
@@ -60,7 +64,7 @@ struct CompiledFile {
     /// rows from the scopes of the task context it runs in); `as_of_date()` is
     /// volatile, so it is not folded in.
     plan: Arc<dyn ExecutionPlan>,
-    /// Output schema: key, features, feature_time, _lsn, computed_at, _deleted.
+    /// Output schema: key, features, feature_time, _lsn, computed_at, _deleted, _commit_ts.
     schema: SchemaRef,
     /// Per source table (configured order): how its rows map to this file's entities.
     mappings: Vec<Option<Mapping>>,
@@ -207,8 +211,8 @@ impl FeatureEngine {
                 if running.len() == parallel {
                     finish(running.join_next().await)?;
                 }
-                let query =
-                    self.query(file, chunk.iter().cloned().collect(), lsn, commit_ts_micros);
+                let stamp = self.stamp(lsn, commit_ts_micros);
+                let query = self.query(file, chunk.iter().cloned().collect(), stamp);
                 running.spawn(async move { (i, query.execute().await) });
             }
             while !running.is_empty() {
@@ -280,7 +284,7 @@ impl FeatureEngine {
             out.push(FeatureRows {
                 table: file.def.name.clone(),
                 batch: self
-                    .query(file, entities, lsn, commit_ts_micros)
+                    .query(file, entities, self.stamp(lsn, commit_ts_micros))
                     .execute()
                     .await?,
             });
@@ -288,18 +292,11 @@ impl FeatureEngine {
         Ok(out)
     }
 
-    /// The query for the features of `entities` of `file`: its task context scopes
-    /// every state table to their rows.
-    fn query(
-        &self,
-        file: &CompiledFile,
-        entities: HashSet<Key>,
-        lsn: Lsn,
-        commit_ts_micros: i64,
-    ) -> FeatureQuery {
-        let as_of = self.as_of_days(commit_ts_micros);
+    /// The query for the features of `entities` of `file`, stamped with `stamp`: its
+    /// task context scopes every state table to their rows.
+    fn query(&self, file: &CompiledFile, entities: HashSet<Key>, stamp: Stamp) -> FeatureQuery {
         // The clock is shared: every query of one call has the same as-of date.
-        self.clock.set_days(as_of);
+        self.clock.set_days(stamp.as_of);
         let scopes = Scopes {
             tables: scope::scopes(&self.state, &file.mappings, &entities),
         };
@@ -322,10 +319,52 @@ impl FeatureEngine {
             schema: file.schema.clone(),
             features: file.def.features.len(),
             entities,
-            as_of,
-            lsn,
+            stamp,
         }
     }
+
+    /// The stamp of rows computed for a transaction committed at `commit_ts_micros`.
+    fn stamp(&self, lsn: Lsn, commit_ts_micros: i64) -> Stamp {
+        Stamp {
+            as_of: self.as_of_days(commit_ts_micros),
+            lsn,
+            commit_ts_micros: Some(commit_ts_micros),
+        }
+    }
+
+    /// Features of `entities` of the feature file `table` with `as_of_date()` =
+    /// `as_of_days` (days since 1970-01-01), on the current state: an event-time
+    /// recompute (training sets). Rows carry `lsn` (what state holds) and no commit time.
+    /// Calls must not overlap: the as-of date is shared by the engine's queries.
+    pub async fn compute_as_of(
+        &self,
+        table: &str,
+        entities: HashSet<Key>,
+        as_of_days: i32,
+        lsn: Lsn,
+    ) -> Result<RecordBatch, FeatureError> {
+        let file = self
+            .files
+            .iter()
+            .find(|f| f.def.name == table)
+            .ok_or_else(|| FeatureError::UnknownTable(table.to_string()))?;
+        let stamp = Stamp {
+            as_of: as_of_days,
+            lsn,
+            commit_ts_micros: None,
+        };
+        self.query(file, entities, stamp).execute().await
+    }
+}
+
+/// What every row of one computation is stamped with.
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    /// `as_of_date()`, days since 1970-01-01.
+    as_of: i32,
+    lsn: Lsn,
+    /// Commit time of the source transaction; none for a recompute.
+    commit_ts_micros: Option<i64>,
 }
 
 /// One planned computation of a feature file's features for a set of entities; owns
@@ -337,8 +376,7 @@ struct FeatureQuery {
     schema: SchemaRef,
     features: usize,
     entities: HashSet<Key>,
-    as_of: i32,
-    lsn: Lsn,
+    stamp: Stamp,
 }
 
 impl FeatureQuery {
@@ -384,13 +422,17 @@ impl FeatureQuery {
         }
         let n = values.num_rows();
         let mut cols: Vec<ArrayRef> = values.columns().to_vec();
-        cols.push(Arc::new(Date32Array::from(vec![self.as_of; n])));
-        cols.push(Arc::new(Int64Array::from(vec![self.lsn.as_i64(); n])));
+        cols.push(Arc::new(Date32Array::from(vec![self.stamp.as_of; n])));
+        cols.push(Arc::new(Int64Array::from(vec![self.stamp.lsn.as_i64(); n])));
         let now = chrono::Utc::now().timestamp_micros();
         cols.push(Arc::new(
             TimestampMicrosecondArray::from(vec![now; n]).with_timezone("UTC"),
         ));
         cols.push(Arc::new(BooleanArray::from(deleted)));
+        cols.push(Arc::new(
+            TimestampMicrosecondArray::from(vec![self.stamp.commit_ts_micros; n])
+                .with_timezone("UTC"),
+        ));
         RecordBatch::try_new(self.schema.clone(), cols).map_err(arrow_err)
     }
 }
@@ -429,5 +471,10 @@ fn output_schema(def: &FeatureFile, key_type: DataType) -> SchemaRef {
         false,
     ));
     fields.push(Field::new(DELETED, DataType::Boolean, false));
+    fields.push(Field::new(
+        COMMIT_TS,
+        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        true,
+    ));
     Arc::new(Schema::new(fields))
 }

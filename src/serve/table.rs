@@ -277,6 +277,11 @@ mod tests {
                 false,
             ),
             Field::new(DELETED, DataType::Boolean, false),
+            Field::new(
+                crate::config::OUTPUT_COMMIT_TS,
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
         ]))
     }
 
@@ -292,6 +297,7 @@ mod tests {
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
             Arc::new(TimestampMicrosecondArray::from(vec![0; len]).with_timezone("UTC")),
             Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.3)))),
+            Arc::new(TimestampMicrosecondArray::from(vec![0; len]).with_timezone("UTC")),
         ];
         RecordBatch::try_new(schema(), cols).unwrap()
     }

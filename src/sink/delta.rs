@@ -492,6 +492,7 @@ async fn open_table(
         return Ok((table, TableProgress::default()));
     }
     if !evolves {
+        table = add_columns_added_since(path, table, schema).await?;
         check_schema(path, &table, schema)?;
     }
     let log_store = table.log_store();
@@ -547,6 +548,55 @@ async fn committed_version(
         Err(e) => Err((before, e)),
     }
 }
+
+/// Adds to a fixed-schema table the columns every such table has gained since it was
+/// created ([`ADDED_SINCE`]), which the pipeline writes and the lake lacks: rows written
+/// before read NULL there. Any other difference is for [`check_schema`] to report.
+async fn add_columns_added_since(
+    path: &LakeTable,
+    table: DeltaTable,
+    want: &SchemaRef,
+) -> Result<DeltaTable, SinkError> {
+    use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+    let derr = |source| SinkError::Delta {
+        table: path.clone(),
+        source,
+    };
+    let have = table.snapshot().map_err(derr)?.snapshot().arrow_schema();
+    let missing: Vec<deltalake::kernel::StructField> = want
+        .fields()
+        .iter()
+        .filter(|f| ADDED_SINCE.contains(&f.name().as_str()) && f.is_nullable())
+        .filter(|f| have.field_with_name(f.name()).is_err())
+        .map(|f| f.as_ref().try_into_kernel())
+        .collect::<Result<_, _>>()
+        .map_err(|e| derr(e.into()))?;
+    if missing.is_empty() {
+        return Ok(table);
+    }
+    let names: Vec<String> = missing.iter().map(|f| f.name().to_string()).collect();
+    // Only when that is the whole difference: otherwise nothing is committed and the
+    // schema check names what differs.
+    let after: Vec<&String> = have
+        .fields()
+        .iter()
+        .map(|f| f.name())
+        .chain(&names)
+        .collect();
+    if !after.into_iter().eq(want.fields().iter().map(|f| f.name())) {
+        return Ok(table);
+    }
+    let table = table
+        .add_columns()
+        .with_fields(missing)
+        .await
+        .map_err(derr)?;
+    tracing::info!(table = %path, columns = ?names, "columns added (NULL in earlier rows)");
+    Ok(table)
+}
+
+/// Reserved columns added to every feature table after its first release.
+const ADDED_SINCE: [&str; 1] = [crate::config::OUTPUT_COMMIT_TS];
 
 fn check_schema(path: &LakeTable, table: &DeltaTable, want: &SchemaRef) -> Result<(), SinkError> {
     let snapshot = table.snapshot().map_err(|source| SinkError::Delta {
