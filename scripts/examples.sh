@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Produces a small lake with the pipeline and reads it from Python with deltalake,
-# Polars and DuckDB (examples/read_lake.py), then trains the decision model on it
+# Polars and DuckDB (examples/read_lake.py), builds training sets and reads them back
+# (examples/read_training_set.py), then trains the decision model on the lake
 # (examples/train_model.py) and checks the engine accepts the exported ONNX file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,19 @@ export PIPELINE_SLOT=examples_slot
 "$bin" run pipelines/loan_features.yaml --once
 psql -X -q "$PG_URL" -c "SELECT pg_drop_replication_slot('examples_slot')" >/dev/null
 "$venv/bin/python" examples/read_lake.py "$LAKE_URL" --expect-clients 2000
+
+# Training sets from the same lake, read back with Polars, DuckDB, pyarrow and deltalake:
+# event time (every loan application, as of its date) to Parquet, known time (every
+# client, now) to a Delta table.
+"$bin" training-set pipelines/loan_features.yaml --mode event \
+  --spine "SELECT id AS loan_id, client_id, created_on, status = 'overdue' AS label FROM loan" \
+  --key client_id --time created_on --out "$work/train_event.parquet"
+loans=$(psql -X -tA "$PG_URL" -c "SELECT count(*) FROM loan")
+"$venv/bin/python" examples/read_training_set.py "$work/train_event.parquet" --expect-rows "$loans"
+"$bin" training-set pipelines/loan_features.yaml --mode known \
+  --spine "SELECT id AS client_id, now() AS at FROM \"user\"" --key client_id --time at \
+  --out "$work/train_known"
+"$venv/bin/python" examples/read_training_set.py "$work/train_known" --expect-rows 2000
 
 # The model loop: train on this lake, then `pipeline validate` loads the ONNX file with the
 # decision rules (feature names, and the model's own check rows scored in Rust must match

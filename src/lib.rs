@@ -23,6 +23,8 @@
 //!   feature tables.
 //! - [`decide`]: `POST /v1/decisions`: served features + the application's row → an ONNX
 //!   model's score → rules → the decision, audited to the lake.
+//! - [`offline`]: point-in-time training sets for data scientists from the same feature
+//!   files: known time (the rows the stream wrote) or event time (recomputed per date).
 //! - [`runner`]: the start decision, the processor (batch → features served online →
 //!   durable commits → the LSN to acknowledge), the read-your-writes fencer, the snapshot
 //!   writer, the state rebuild, the retry policy, the supervisor.
@@ -42,6 +44,7 @@ pub mod decide;
 pub(crate) mod fault;
 pub mod features;
 pub mod metrics;
+pub mod offline;
 pub mod runner;
 pub mod serve;
 pub mod sink;

@@ -26,6 +26,12 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Known,
+    Event,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a pipeline: snapshot on first run, then stream until SIGINT/SIGTERM.
@@ -55,6 +61,34 @@ enum Command {
     /// Checkpoint, compact and vacuum every table of the pipeline's lake now (`run` also
     /// does this in the background, per `lake.maintenance`).
     Maintain { pipeline: PathBuf },
+    /// Build a point-in-time training set: each spine row (an entity key, a time, and
+    /// any labels) with the features as of its time, from the same feature files.
+    TrainingSet {
+        pipeline: PathBuf,
+        /// A Parquet or CSV file, or a SQL query run on the pipeline's source database.
+        #[arg(long)]
+        spine: String,
+        /// Spine column with the entity key.
+        #[arg(long)]
+        key: String,
+        /// Spine column with the time: DATE, TIMESTAMP (no zone = UTC) or text of either.
+        /// In known mode a date means its start (00:00 UTC).
+        #[arg(long)]
+        time: String,
+        /// known: the values the pipeline had computed by then (exact, no leak);
+        /// event: recomputed as of the row's date over the lake's source rows.
+        #[arg(long, value_enum, default_value_t = ModeArg::Known)]
+        mode: ModeArg,
+        /// Known mode: read this version of the feature table (default: the latest).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Feature table (default: the pipeline's first feature file).
+        #[arg(long)]
+        table: Option<String>,
+        /// Output: a `.parquet` file, otherwise a Delta table (directory or URL), replaced.
+        #[arg(long)]
+        out: String,
+    },
     /// CRM-like load on the pipeline's source database (new clients, applications,
     /// status changes, payments); with --applications, applications submitted and decided
     /// through the API as the CRM would, timed submit → decision.
@@ -357,6 +391,32 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 s.safe_wal_size
                     .map_or("unlimited".to_string(), |v| v.to_string())
             );
+        }
+        Command::TrainingSet {
+            pipeline,
+            spine,
+            key,
+            time,
+            mode,
+            version,
+            table,
+            out,
+        } => {
+            let p = Pipeline::load(&pipeline)?;
+            let req = pipeline::offline::TrainingSetRequest {
+                spine: pipeline::offline::SpineSource::parse(&spine)?,
+                key,
+                time,
+                mode: match mode {
+                    ModeArg::Known => pipeline::offline::Mode::Known,
+                    ModeArg::Event => pipeline::offline::Mode::Event,
+                },
+                version,
+                table,
+                out,
+            };
+            let summary = pipeline::offline::training_set(&p, &req).await?;
+            print!("{summary}");
         }
         Command::Maintain { pipeline } => {
             let p = Pipeline::load(&pipeline)?;

@@ -125,6 +125,12 @@ pub struct FeatureDef {
     /// A query returning the entity key column and a column named like the feature,
     /// at most one row per entity.
     pub sql: String,
+    /// Why recomputing this feature for a past date (an event-time training set) does not
+    /// give the value it had then: the query reads something that changes without a
+    /// date (e.g. a loan's current `status`). Absent: every input the query reads is
+    /// filtered by dates <= `as_of_date()`, so the recompute is point-in-time correct.
+    #[serde(default)]
+    pub leaks_in_event_time: Option<String>,
 }
 
 /// A validated feature file.

@@ -26,6 +26,7 @@ mod supervise;
 mod thread_time;
 
 pub use policy::{action, Action};
+pub(crate) use rebuild::rebuild_state;
 pub use start::Refusal;
 pub use supervise::run_supervised;
 

@@ -12,6 +12,7 @@ use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::{Int64Type, SchemaRef};
 use datafusion::common::HashMap;
 use datafusion::prelude::SessionContext;
+use deltalake::DeltaTable;
 use futures::StreamExt;
 
 /// Loads into `engine` each raw table's rows as of just before `resume_at`, and returns
@@ -24,7 +25,7 @@ use futures::StreamExt;
 /// sorted replay of the whole change log held all of it).
 pub(crate) async fn rebuild_state(
     engine: &FeatureEngine,
-    sink: &DeltaSink,
+    tables: &impl Fn(&LakeTable) -> Option<DeltaTable>,
     schemas: &[TableSchema],
     resume_at: Lsn,
 ) -> Result<usize, RunError> {
@@ -36,7 +37,7 @@ pub(crate) async fn rebuild_state(
             source: e,
         };
         let read_err = |e: datafusion::error::DataFusionError| err(Box::new(e));
-        let ctx = session_over(sink, &path, "raw").await?;
+        let ctx = session_over(tables(&path), &path, "raw").await?;
 
         let after_truncate = match last_truncate(&ctx, (&lsn, &seq, &op), resume_at)
             .await
@@ -86,7 +87,7 @@ pub(crate) async fn rebuild_online(
             source: e,
         };
         let read_err = |e: datafusion::error::DataFusionError| err(Box::new(e));
-        let ctx = session_over(sink, &path, "f").await?;
+        let ctx = session_over(sink.table(&path).cloned(), &path, "f").await?;
         let mut stream = ctx
             .sql("SELECT * FROM f")
             .await
@@ -102,9 +103,10 @@ pub(crate) async fn rebuild_online(
     Ok(online.sizes().iter().map(|(_, n)| n).sum())
 }
 
-/// A DataFusion session with the lake table `path` registered as `alias`.
+/// A DataFusion session with the lake table `path` (`table`, if open) registered as
+/// `alias`.
 async fn session_over(
-    sink: &DeltaSink,
+    table: Option<DeltaTable>,
     path: &LakeTable,
     alias: &str,
 ) -> Result<SessionContext, RunError> {
@@ -112,9 +114,7 @@ async fn session_over(
         table: path.clone(),
         source: e,
     };
-    let table = sink
-        .table(path)
-        .ok_or_else(|| err("the table is not open in the sink".into()))?;
+    let table = table.ok_or_else(|| err("the table is not open".into()))?;
     let ctx = SessionContext::new();
     table
         .update_datafusion_session(&ctx.state())

@@ -165,7 +165,13 @@ impl<'a> Stages<'a> {
     ) -> Result<(), RunError> {
         let started = Instant::now();
         self.begin_online(Phase::Rebuilding);
-        let rows = rebuild::rebuild_state(&self.engine, sink, &self.schemas, rebuild_to).await?;
+        let rows = rebuild::rebuild_state(
+            &self.engine,
+            &|p| sink.table(p).cloned(),
+            &self.schemas,
+            rebuild_to,
+        )
+        .await?;
         tracing::info!(rows, elapsed_ms = started.elapsed().as_millis() as u64,
             resume_at = %rebuild_to, "state rebuilt from the lake; resuming from the slot");
         if let Some(online) = &self.online {

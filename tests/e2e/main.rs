@@ -13,6 +13,7 @@ mod schema;
 mod serve;
 mod source_faults;
 mod support;
+mod training;
 
 use std::process::Command;
 use std::time::Duration;

@@ -1,0 +1,418 @@
+//! `pipeline training-set`: event time against the Postgres oracle at each spine date,
+//! known time against the values the oracle gave while the stream ran.
+
+use super::*;
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{Float64Type, Int32Type, Int64Type};
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Runs `pipeline training-set` and returns its stdout (the summary); fails on error.
+fn training_set(p: &TestPipeline, args: &[&str]) -> String {
+    let out = pipeline_bin()
+        .arg("training-set")
+        .arg(&p.file)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "training-set {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The Parquet file's rows and its training-set metadata (JSON).
+fn read_parquet(path: &Path) -> (RecordBatch, serde_json::Value) {
+    let file = std::fs::File::open(path).unwrap();
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+    let meta = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| {
+            kv.iter()
+                .find(|kv| kv.key == pipeline::offline::METADATA_KEY)
+        })
+        .and_then(|kv| kv.value.clone())
+        .expect("training-set metadata");
+    let schema = builder.schema().clone();
+    let batches: Vec<RecordBatch> = builder.build().unwrap().map(Result::unwrap).collect();
+    (
+        arrow::compute::concat_batches(&schema, &batches).unwrap(),
+        serde_json::from_str(&meta).unwrap(),
+    )
+}
+
+/// Row `i`'s features from the output's feature columns.
+fn features_at(b: &RecordBatch, i: usize) -> Option<Features> {
+    let paid = b["paid_loans_count"].as_primitive::<Int64Type>();
+    let days = b["days_since_last_late_payment"].as_primitive::<Int32Type>();
+    let rate = b["profit_in_last_90_days_rate"].as_primitive::<Float64Type>();
+    // No feature row: every feature NULL (a count is never NULL in a computed row).
+    paid.is_valid(i).then(|| Features {
+        paid_loans_count: Some(paid.value(i)),
+        days_since_last_late_payment: days.is_valid(i).then(|| days.value(i)),
+        profit_in_last_90_days_rate: rate.is_valid(i).then(|| rate.value(i)),
+    })
+}
+
+fn date_of(days: i32) -> String {
+    (chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap() + chrono::Duration::days(days as i64))
+        .to_string()
+}
+
+/// Event time from a SQL spine (loans of three dates, with a label) and from a CSV spine
+/// (clients × dates, an unknown client, a NULL time): every row equals the oracle's
+/// value for its client at its date.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_time_training_set_matches_the_oracle_at_each_date() {
+    let (info, client) = seeded_db("pt_train_event", 2_000).await;
+    let p = pipeline_file(&info, "train_event", Some(AS_OF));
+    let out = pipeline_bin()
+        .args(["run", "--once"])
+        .arg(&p.file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let sql = "SELECT id AS loan_id, client_id, created_on, status = 'overdue' AS label FROM loan \
+               WHERE created_on IN (SELECT DISTINCT created_on FROM loan \
+                                    WHERE created_on <= '2020-08-23' ORDER BY 1 DESC LIMIT 3) \
+                  OR created_on = (SELECT min(created_on) FROM loan)";
+    let out_file = p.dir.join("event.parquet");
+    let summary = training_set(
+        &p,
+        &[
+            "--spine",
+            sql,
+            "--key",
+            "client_id",
+            "--time",
+            "created_on",
+            "--mode",
+            "event",
+            "--out",
+            out_file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        summary.contains("not point-in-time correct in event time: paid_loans_count"),
+        "{summary}"
+    );
+    let (b, meta) = read_parquet(&out_file);
+    assert_eq!(meta["mode"], "event");
+    assert!(
+        meta["not_point_in_time_correct"]["paid_loans_count"].is_string(),
+        "{meta}"
+    );
+    let loans = count(&client, &format!("SELECT count(*) FROM ({sql}) s")).await;
+    assert_eq!(b.num_rows() as i64, loans);
+    assert!(b.column_by_name("label").is_some() && b.column_by_name("loan_id").is_some());
+
+    // The spine's columns keep their types (loan.client_id is an integer).
+    let clients =
+        arrow::compute::cast(&b["client_id"], &arrow::datatypes::DataType::Int64).unwrap();
+    let clients = clients.as_primitive::<Int64Type>();
+    let dates = b["created_on"].as_primitive::<arrow::datatypes::Date32Type>();
+    let mut oracles: BTreeMap<i32, BTreeMap<i64, Features>> = BTreeMap::new();
+    for i in 0..b.num_rows() {
+        let d = dates.value(i);
+        if let std::collections::btree_map::Entry::Vacant(e) = oracles.entry(d) {
+            e.insert(oracle(&client, &date_of(d)).await);
+        }
+        let want = &oracles[&d][&clients.value(i)];
+        let got = features_at(&b, i).unwrap_or_else(|| panic!("row {i}: no features"));
+        assert!(
+            got.same(want),
+            "loan row {i} at {}: got {got:?}, want {want:?}",
+            date_of(d)
+        );
+    }
+    assert!(oracles.len() >= 3, "{} dates", oracles.len());
+
+    // A CSV spine: the first 50 clients at two dates, an unknown client, a NULL time.
+    let ids: Vec<i64> = oracles
+        .values()
+        .next()
+        .unwrap()
+        .keys()
+        .take(50)
+        .copied()
+        .collect();
+    let mut csv = String::from("client_id,as_of,note\n");
+    for d in ["2020-08-23", "2020-02-29"] {
+        for id in &ids {
+            csv.push_str(&format!("{id},{d},x\n"));
+        }
+    }
+    csv.push_str("999999999,2020-08-23,unknown\n");
+    csv.push_str(&format!("{},,no time\n", ids[0]));
+    let spine = p.dir.join("spine.csv");
+    std::fs::write(&spine, csv).unwrap();
+    // The values come from the lake's raw mirror, not the database: changed after the
+    // run, it must not show (the oracle is taken before).
+    let at_feb = oracle(&client, "2020-02-29").await;
+    let at_aug = oracle(&client, "2020-08-23").await;
+    client
+        .batch_execute("UPDATE payment SET status = 'late'; UPDATE loan SET status = 'paid'")
+        .await
+        .unwrap();
+    let out_dir = p.dir.join("event_delta");
+    let summary = training_set(
+        &p,
+        &[
+            "--spine",
+            spine.to_str().unwrap(),
+            "--key",
+            "client_id",
+            "--time",
+            "as_of",
+            "--mode",
+            "event",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        summary.contains("entity deleted/absent 1, NULL key or time 1"),
+        "{summary}"
+    );
+    let table = deltalake::open_table(url::Url::from_directory_path(&out_dir).unwrap())
+        .await
+        .unwrap();
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_table("t", table.table_provider().await.unwrap())
+        .unwrap();
+    let batches = ctx
+        .sql(
+            "SELECT client_id, CAST(as_of AS VARCHAR) AS as_of, paid_loans_count, \
+              days_since_last_late_payment, profit_in_last_90_days_rate FROM t",
+        )
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let b = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+    assert_eq!(b.num_rows(), ids.len() * 2 + 2);
+    let clients = b.column(0).as_primitive::<Int64Type>();
+    let as_of = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Utf8).unwrap();
+    let as_of = as_of.as_string::<i32>();
+    let mut checked = 0;
+    for i in 0..b.num_rows() {
+        let id = clients.value(i);
+        let got = features_at(&b, i);
+        match (as_of.is_valid(i).then(|| as_of.value(i)), id) {
+            (_, 999_999_999) | (None, _) => assert_eq!(got, None, "row {i}"),
+            (Some(d), _) => {
+                let want = if d == "2020-02-29" {
+                    &at_feb[&id]
+                } else {
+                    &at_aug[&id]
+                };
+                let got = got.unwrap();
+                assert!(
+                    got.same(want),
+                    "client {id} at {d}: got {got:?}, want {want:?}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, ids.len() * 2);
+}
+
+/// Known time while streaming: the values at instants before and after each change
+/// are those the oracle gave then; before the snapshot and for an unknown client there
+/// are none; `--version` pins the table as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_time_training_set_returns_what_was_known_then() {
+    let (info, client) = seeded_db("pt_train_known", 300).await;
+    let p = pipeline_file(&info, "train_known", Some(AS_OF));
+    let (handle, cancel) = spawn_pipeline(p.load(), false);
+    wait_until_oracle_matches(&p.lake, &client, AS_OF, STREAM_TIMEOUT).await;
+    let features = LakeTable::features("client_features");
+    let v0 = p
+        .lake
+        .existing_table(&features)
+        .await
+        .unwrap()
+        .version()
+        .unwrap();
+
+    // A client with two loans not paid yet.
+    let c: i64 = client
+        .query_one(
+            "SELECT client_id::bigint FROM loan WHERE status <> 'paid' GROUP BY client_id \
+             HAVING count(*) >= 2 ORDER BY client_id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut known = vec![(chrono::Utc::now(), oracle(&client, AS_OF).await[&c].clone())];
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client
+            .execute(
+                "UPDATE loan SET status = 'paid' WHERE id = \
+                 (SELECT id FROM loan WHERE client_id = $1::bigint AND status <> 'paid' ORDER BY id LIMIT 1)",
+                &[&c],
+            )
+            .await
+            .unwrap();
+        wait_until_oracle_matches(&p.lake, &client, AS_OF, STREAM_TIMEOUT).await;
+        known.push((chrono::Utc::now(), oracle(&client, AS_OF).await[&c].clone()));
+    }
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+    assert_eq!(
+        known[2].1.paid_loans_count,
+        known[0].1.paid_loans_count.map(|n| n + 2)
+    );
+
+    let ts = |t: &chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    // The commit time of the first update's row: known from that microsecond on.
+    let b = read_delta(
+        &p.lake,
+        &features,
+        &format!("SELECT _commit_ts FROM t WHERE client_id = {c} ORDER BY _lsn"),
+    )
+    .await;
+    let commit = arrow::compute::concat_batches(&b[0].schema(), &b).unwrap();
+    let commit = arrow::compute::cast(
+        commit.column(0),
+        &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
+    )
+    .unwrap();
+    let first_update = commit
+        .as_primitive::<arrow::datatypes::TimestampMicrosecondType>()
+        .value(1);
+    let at_micros = |us: i64| chrono::DateTime::from_timestamp_micros(us).unwrap();
+    let mut csv = String::from("client_id,at\n");
+    for (t, _) in &known {
+        csv.push_str(&format!("{c},{}\n", ts(t)));
+    }
+    csv.push_str(&format!("{c},{}\n", ts(&at_micros(first_update))));
+    csv.push_str(&format!("{c},{}\n", ts(&at_micros(first_update - 1))));
+    csv.push_str(&format!("{c},2000-01-01T00:00:00Z\n"));
+    csv.push_str(&format!("999999999,{}\n", ts(&known[2].0)));
+    let spine = p.dir.join("spine.csv");
+    std::fs::write(&spine, csv).unwrap();
+    let out = p.dir.join("known.parquet");
+    let args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "--spine".to_string(),
+            spine.display().to_string(),
+            "--key".into(),
+            "client_id".into(),
+            "--time".into(),
+            "at".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let summary = training_set(
+        &p,
+        &args(&[]).iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(
+        summary.contains("with features 5, no feature row 2"),
+        "{summary}"
+    );
+    let (b, meta) = read_parquet(&out);
+    assert_eq!(meta["mode"], "known");
+    let version = meta["feature_table_version"].as_u64().unwrap();
+    assert!(version > v0 as u64, "{meta}");
+    let lsn = b["_lsn"].as_primitive::<Int64Type>();
+    for (i, (t, want)) in known.iter().enumerate() {
+        let got = features_at(&b, i).unwrap_or_else(|| panic!("row {i} at {t}: no features"));
+        assert!(got.same(want), "row {i} at {t}: got {got:?}, want {want:?}");
+    }
+    assert!(lsn.value(0) < lsn.value(1) && lsn.value(1) < lsn.value(2));
+    let at = |i: usize| features_at(&b, i).unwrap();
+    assert!(at(3).same(&known[1].1), "at the commit time: {:?}", at(3));
+    assert!(at(4).same(&known[0].1), "1 µs before it: {:?}", at(4));
+    assert_eq!(
+        features_at(&b, 5),
+        None,
+        "before the snapshot nothing was known"
+    );
+    assert_eq!(features_at(&b, 6), None, "an unknown client");
+    assert!(b["_commit_ts"].is_null(5) && b["_lsn"].is_null(6));
+
+    // Pinned to the version after the snapshot: the later changes are not there.
+    let v0s = v0.to_string();
+    let pinned: Vec<String> = args(&["--version"]).into_iter().chain([v0s]).collect();
+    training_set(&p, &pinned.iter().map(String::as_str).collect::<Vec<_>>());
+    let (b, meta) = read_parquet(&out);
+    assert_eq!(meta["feature_table_version"].as_u64(), Some(v0 as u64));
+    let got = features_at(&b, 2).unwrap();
+    assert!(
+        got.same(&known[0].1),
+        "pinned: got {got:?}, want {:?}",
+        known[0].1
+    );
+}
+
+/// A feature table written before `_commit_ts` existed gains the column on start (NULL
+/// in its earlier rows) instead of failing the schema check; new rows carry it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feature_table_without_commit_ts_gains_it_on_start() {
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    let (info, _client) = seeded_db("pt_train_upgrade", 100).await;
+    let p = pipeline_file(&info, "train_upgrade", Some(AS_OF));
+    let path = LakeTable::features("client_features");
+    let old = Arc::new(Schema::new(vec![
+        Field::new("client_id", DataType::Int64, false),
+        Field::new("paid_loans_count", DataType::Int64, true),
+        Field::new("days_since_last_late_payment", DataType::Int32, true),
+        Field::new("profit_in_last_90_days_rate", DataType::Float64, true),
+        Field::new("feature_time", DataType::Date32, false),
+        Field::new("_lsn", DataType::Int64, false),
+        Field::new(
+            "computed_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new("_deleted", DataType::Boolean, false),
+    ]));
+    p.lake
+        .table(&path)
+        .await
+        .unwrap()
+        .write(vec![RecordBatch::new_empty(old)])
+        .await
+        .unwrap();
+
+    let out = pipeline_bin()
+        .args(["run", "--once"])
+        .arg(&p.file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b = read_delta(&p.lake, &path, "SELECT count(*), count(_commit_ts) FROM t").await;
+    let (rows, with_ts) = (
+        b[0].column(0).as_primitive::<Int64Type>().value(0),
+        b[0].column(1).as_primitive::<Int64Type>().value(0),
+    );
+    assert!(rows >= 100, "{rows} rows");
+    assert_eq!(
+        with_ts, rows,
+        "every row the new version wrote has a commit time"
+    );
+}
