@@ -7,7 +7,6 @@ use arrow::datatypes::{Float64Type, Int32Type, Int64Type};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 /// Runs `pipeline training-set` and returns its stdout (the summary); fails on error.
 fn training_set(p: &TestPipeline, args: &[&str]) -> String {
@@ -365,54 +364,110 @@ async fn known_time_training_set_returns_what_was_known_then() {
     );
 }
 
-/// A feature table written before `_commit_ts` existed gains the column on start (NULL
-/// in its earlier rows) instead of failing the schema check; new rows carry it.
+/// A lake streamed before `_commit_ts` existed: on start its feature table gains the
+/// column (NULL in the old rows), the stream resumes and writes it, and known time reads
+/// the old rows by their `computed_at`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_feature_table_without_commit_ts_gains_it_on_start() {
-    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-    let (info, _client) = seeded_db("pt_train_upgrade", 100).await;
+    use deltalake::kernel::transaction::CommitProperties;
+    use deltalake::kernel::Transaction;
+    use deltalake::operations::write::SchemaMode;
+    use deltalake::protocol::SaveMode;
+    let (info, client) = seeded_db("pt_train_upgrade", 100).await;
     let p = pipeline_file(&info, "train_upgrade", Some(AS_OF));
+    let run_once = || {
+        let out = pipeline_bin()
+            .args(["run", "--once"])
+            .arg(&p.file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run_once();
+
+    // Rewrite the feature table as the older version left it: the same rows and `txn`
+    // versions (so the next run resumes), no `_commit_ts`.
     let path = LakeTable::features("client_features");
-    let old = Arc::new(Schema::new(vec![
-        Field::new("client_id", DataType::Int64, false),
-        Field::new("paid_loans_count", DataType::Int64, true),
-        Field::new("days_since_last_late_payment", DataType::Int32, true),
-        Field::new("profit_in_last_90_days_rate", DataType::Float64, true),
-        Field::new("feature_time", DataType::Date32, false),
-        Field::new("_lsn", DataType::Int64, false),
-        Field::new(
-            "computed_at",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            false,
-        ),
-        Field::new("_deleted", DataType::Boolean, false),
-    ]));
-    p.lake
-        .table(&path)
-        .await
-        .unwrap()
-        .write(vec![RecordBatch::new_empty(old)])
+    let table = p.lake.existing_table(&path).await.unwrap();
+    let app = format!("pipeline-train_upgrade-{}", p.slot);
+    let mut txns = Vec::new();
+    for app in [app.clone(), format!("{app}/snapshot")] {
+        let snapshot = table.snapshot().unwrap();
+        let v = snapshot
+            .transaction_version(table.log_store().as_ref(), &app)
+            .await
+            .unwrap()
+            .unwrap();
+        txns.push(Transaction::new(app, v));
+    }
+    let old = read_delta(
+        &p.lake,
+        &path,
+        "SELECT client_id, paid_loans_count, days_since_last_late_payment, \
+         profit_in_last_90_days_rate, feature_time, _lsn, computed_at, _deleted FROM t",
+    )
+    .await;
+    let rows: usize = old.iter().map(RecordBatch::num_rows).sum();
+    table
+        .write(old)
+        .with_save_mode(SaveMode::Overwrite)
+        .with_schema_mode(SchemaMode::Overwrite)
+        .with_commit_properties(CommitProperties::default().with_application_transactions(txns))
         .await
         .unwrap();
 
-    let out = pipeline_bin()
-        .args(["run", "--once"])
-        .arg(&p.file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let b = read_delta(&p.lake, &path, "SELECT count(*), count(_commit_ts) FROM t").await;
-    let (rows, with_ts) = (
-        b[0].column(0).as_primitive::<Int64Type>().value(0),
-        b[0].column(1).as_primitive::<Int64Type>().value(0),
-    );
-    assert!(rows >= 100, "{rows} rows");
+    // One client changes; the next run adds the column and resumes.
+    let c: i64 = client
+        .query_one(
+            "UPDATE loan SET status = 'paid' WHERE id = (SELECT min(id) FROM loan WHERE status <> 'paid') \
+             RETURNING client_id::bigint",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    run_once();
+    let b = read_delta(
+        &p.lake,
+        &path,
+        &format!(
+            "SELECT count(*), count(_commit_ts), count(*) FILTER (WHERE client_id = {c} AND _commit_ts IS NOT NULL) FROM t"
+        ),
+    )
+    .await;
+    let n = |i: usize| b[0].column(i).as_primitive::<Int64Type>().value(0) as usize;
     assert_eq!(
-        with_ts, rows,
-        "every row the new version wrote has a commit time"
+        n(0),
+        rows + 1,
+        "the old rows and the changed client's new one"
+    );
+    assert_eq!((n(1), n(2)), (1, 1), "only the new row has a commit time");
+
+    // Known time now: every client, the old rows by computed_at.
+    let out = p.dir.join("known.parquet");
+    let summary = training_set(
+        &p,
+        &[
+            "--spine",
+            "SELECT id AS client_id, now() AS at FROM \"user\"",
+            "--key",
+            "client_id",
+            "--time",
+            "at",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        summary.contains("with features 100, no feature row 0"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains(&format!("{rows} feature rows predate _commit_ts")),
+        "{summary}"
     );
 }
