@@ -1,6 +1,7 @@
 //! `pipeline training-set`: event time against the Postgres oracle at each spine date,
 //! known time against the values the oracle gave while the stream ran.
 
+use super::faults::run_once;
 use super::*;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int32Type, Int64Type};
@@ -71,16 +72,7 @@ fn date_of(days: i32) -> String {
 async fn event_time_training_set_matches_the_oracle_at_each_date() {
     let (info, client) = seeded_db("pt_train_event", 2_000).await;
     let p = pipeline_file(&info, "train_event", Some(AS_OF));
-    let out = pipeline_bin()
-        .args(["run", "--once"])
-        .arg(&p.file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_once(&p, "--once");
 
     let sql = "SELECT id AS loan_id, client_id, created_on, status = 'overdue' AS label FROM loan \
                WHERE created_on IN (SELECT DISTINCT created_on FROM loan \
@@ -375,19 +367,7 @@ async fn a_feature_table_without_commit_ts_gains_it_on_start() {
     use deltalake::protocol::SaveMode;
     let (info, client) = seeded_db("pt_train_upgrade", 100).await;
     let p = pipeline_file(&info, "train_upgrade", Some(AS_OF));
-    let run_once = || {
-        let out = pipeline_bin()
-            .args(["run", "--once"])
-            .arg(&p.file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run_once();
+    run_once(&p, "--once");
 
     // Rewrite the feature table as the older version left it: the same rows and `txn`
     // versions (so the next run resumes), no `_commit_ts`.
@@ -430,7 +410,7 @@ async fn a_feature_table_without_commit_ts_gains_it_on_start() {
         .await
         .unwrap()
         .get(0);
-    run_once();
+    run_once(&p, "--once");
     let b = read_delta(
         &p.lake,
         &path,
