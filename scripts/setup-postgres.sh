@@ -36,10 +36,26 @@ if ! psql_admin "select 1" >/dev/null 2>&1; then
   sleep 1
 fi
 
+# The test suite runs several pipelines at once, each with its own slot and walsender;
+# Postgres' defaults (10 of each) are too tight for that plus a running demo.
+MIN_SLOTS=${MIN_SLOTS:-32}
+restart=no
 level=$(psql_admin "show wal_level")
 if [ "$level" != "logical" ]; then
-  log "wal_level is $level: setting logical and restarting"
+  log "wal_level is $level: setting logical"
   psql_admin "ALTER SYSTEM SET wal_level = logical"
+  restart=yes
+fi
+for setting in max_replication_slots max_wal_senders; do
+  value=$(psql_admin "show $setting")
+  if [ "$value" -lt "$MIN_SLOTS" ]; then
+    log "$setting is $value: setting $MIN_SLOTS"
+    psql_admin "ALTER SYSTEM SET $setting = $MIN_SLOTS"
+    restart=yes
+  fi
+done
+if [ "$restart" = yes ]; then
+  log "restarting cluster $version/main for the settings above"
   pg_ctlcluster --skip-systemctl-redirect "$version" main restart
   for _ in $(seq 1 50); do ready && break; sleep 0.2; done
 fi

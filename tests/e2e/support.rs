@@ -74,6 +74,8 @@ pub struct TestPipeline {
     pub config: PipelineConfig,
     pub lake: Lake,
     pub slot: String,
+    /// The source database, to drop the slot when the test ends.
+    url: String,
 }
 
 /// Writes a pipeline file for database `info` with its own slot, publication and a lake
@@ -111,6 +113,41 @@ pub fn pipeline_file_with_lake(
         file,
         config,
         slot,
+        url: info.url.clone(),
+    }
+}
+
+/// Drops the test's slot once the test is over, so a run of the whole suite never holds
+/// more slots than tests running at once (Postgres' default `max_replication_slots` is 10).
+/// A slot still in use (a pipeline the test left running) is left alone.
+impl Drop for TestPipeline {
+    fn drop(&mut self) {
+        if self.tmp.is_none() {
+            return; // kept for a post-mortem
+        }
+        let (url, slot) = (self.url.clone(), self.slot.clone());
+        // Drop runs inside the test's runtime, which cannot be blocked on: use a thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .ok()?;
+                tokio::spawn(conn);
+                client
+                    .execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                         WHERE slot_name = $1 AND NOT active",
+                        &[&slot],
+                    )
+                    .await
+                    .ok()
+            })
+        })
+        .join();
     }
 }
 
