@@ -425,7 +425,7 @@ mod tests {
         }
     }
 
-    /// The CRM's tables, with the columns the seed features read.
+    /// The CRM's tables, with the columns the features read.
     fn schemas() -> Vec<TableSchema> {
         use DataType::*;
         vec![
@@ -438,6 +438,7 @@ mod tests {
                     ("amount", Float64),
                     ("created_on", Date32),
                     ("status", Utf8),
+                    ("updated_on", Date32),
                 ],
             ),
             table(
@@ -500,6 +501,7 @@ mod tests {
             Arc::new(Float64Array::from(vec![100.0; n])),
             Arc::new(Date32Array::from(vec![DAY - 10; n])),
             Arc::new(StringArray::from(vec!["paid"; n])),
+            Arc::new(Date32Array::from(vec![DAY - 5; n])),
         ];
         changes(&s[1], image, Op::Insert, lsn)
     }

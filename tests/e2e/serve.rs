@@ -243,7 +243,8 @@ async fn delta_rows_at(
         &LakeTable::features(FILE),
         &format!(
             "SELECT client_id, _lsn, paid_loans_count, days_since_last_late_payment, \
-             profit_in_last_90_days_rate FROM t WHERE client_id IN ({}) AND NOT _deleted",
+             profit_in_last_90_days_rate, paid_loans_count_pit, profit_in_last_90_days_rate_pit \
+             FROM t WHERE client_id IN ({}) AND NOT _deleted",
             keys.join(",")
         ),
     )
@@ -255,12 +256,16 @@ async fn delta_rows_at(
         let paid = b.column(2).as_primitive::<Int64Type>();
         let days = b.column(3).as_primitive::<Int32Type>();
         let rate = b.column(4).as_primitive::<Float64Type>();
+        let paid_pit = b.column(5).as_primitive::<Int64Type>();
+        let rate_pit = b.column(6).as_primitive::<Float64Type>();
         for i in 0..b.num_rows() {
             let opt = |a: &dyn Array, v: Value| if a.is_null(i) { Value::Null } else { v };
             let features = json!({
                 "paid_loans_count": opt(paid, paid.value(i).into()),
                 "days_since_last_late_payment": opt(days, days.value(i).into()),
                 "profit_in_last_90_days_rate": opt(rate, rate.value(i).into()),
+                "paid_loans_count_pit": opt(paid_pit, paid_pit.value(i).into()),
+                "profit_in_last_90_days_rate_pit": opt(rate_pit, rate_pit.value(i).into()),
             });
             out.insert(
                 (key.value(i), Lsn::from_i64(lsn.value(i)).to_string()),

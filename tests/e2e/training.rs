@@ -388,7 +388,8 @@ async fn a_feature_table_without_commit_ts_gains_it_on_start() {
         &p.lake,
         &path,
         "SELECT client_id, paid_loans_count, days_since_last_late_payment, \
-         profit_in_last_90_days_rate, feature_time, _lsn, computed_at, _deleted FROM t",
+         profit_in_last_90_days_rate, paid_loans_count_pit, profit_in_last_90_days_rate_pit, \
+         feature_time, _lsn, computed_at, _deleted FROM t",
     )
     .await;
     let rows: usize = old.iter().map(RecordBatch::num_rows).sum();
