@@ -61,6 +61,24 @@ enum Command {
     /// Checkpoint, compact and vacuum every table of the pipeline's lake now (`run` also
     /// does this in the background, per `lake.maintenance`).
     Maintain { pipeline: PathBuf },
+    /// Rebuild the history of feature tables whose feature file was added or changed, by
+    /// replaying the raw change log through the feature engine; `run` streams on after
+    /// it. The pipeline must be stopped.
+    Backfill {
+        pipeline: PathBuf,
+        /// Also rebuild this feature file (table name or path) when its columns did not
+        /// change (a changed query). Repeatable.
+        #[arg(long = "feature-file")]
+        feature_files: Vec<String>,
+        /// First compare every row the stream wrote with the replayed value at the same
+        /// (key, _lsn); write nothing and fail on a mismatch. With nothing to rebuild,
+        /// checks every feature table.
+        #[arg(long)]
+        verify: bool,
+        /// Replay (and verify) without writing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Build a point-in-time training set: each spine row (an entity key, a time, and
     /// any labels) with the features as of its time, from the same feature files.
     TrainingSet {
@@ -417,6 +435,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let summary = pipeline::offline::training_set(&p, &req).await?;
             print!("{summary}");
+        }
+        Command::Backfill {
+            pipeline,
+            feature_files,
+            verify,
+            dry_run,
+        } => {
+            let p = Pipeline::load(&pipeline)?;
+            let req = pipeline::offline::BackfillRequest {
+                feature_files,
+                verify,
+                dry_run,
+            };
+            let summary = pipeline::offline::backfill(&p, &req).await?;
+            print!("{summary}");
+            if !summary.consistent() {
+                anyhow::bail!(
+                    "the replay disagrees with what the stream wrote (above): nothing was replaced"
+                );
+            }
         }
         Command::Maintain { pipeline } => {
             let p = Pipeline::load(&pipeline)?;

@@ -400,6 +400,12 @@ pub(crate) fn load_yaml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigErr
 }
 
 impl Pipeline {
+    /// The app id of the `txn` actions this pipeline commits with slot `slot`: what each
+    /// Delta table's progress is read by.
+    pub fn app_id(&self, slot: &str) -> String {
+        format!("pipeline-{}-{}", self.config.name, slot)
+    }
+
     /// The replication slot for `database`: the configured one, or
     /// `<pipeline name>_<database>` (lower case, non-identifier characters as `_`).
     pub fn slot_name(&self, database: &str) -> String {

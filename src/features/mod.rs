@@ -75,7 +75,40 @@ struct CompiledFile {
 /// Entities touched by changes, per feature file (see [`FeatureEngine::apply`]).
 pub struct Touched(Vec<HashSet<Key>>);
 
+/// The changed keys of a batch between [`FeatureEngine::touch_before`] and
+/// [`FeatureEngine::apply_touched`].
+pub struct BeforeApply(Vec<crate::state::Changed>);
+
 impl Touched {
+    /// The entities of feature file `file` (in the pipeline's order).
+    pub fn of_file(&self, file: usize) -> &HashSet<Key> {
+        &self.0[file]
+    }
+
+    /// Whether any entity is in both, for the same feature file.
+    pub fn overlaps(&self, other: &Touched) -> bool {
+        self.0
+            .iter()
+            .zip(&other.0)
+            .any(|(a, b)| a.iter().any(|k| b.contains(k)))
+    }
+
+    /// Adds `other`'s entities.
+    pub fn extend(&mut self, other: &Touched) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            a.extend(b.iter().cloned());
+        }
+    }
+
+    /// Forgets the entities of the feature files `keep` rejects (by position).
+    pub fn retain_files(&mut self, keep: impl Fn(usize) -> bool) {
+        for (i, set) in self.0.iter_mut().enumerate() {
+            if !keep(i) {
+                set.clear();
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.0.iter().map(HashSet::len).sum()
     }
@@ -176,8 +209,9 @@ impl FeatureEngine {
         &self.state
     }
 
-    /// The as-of date for a batch committed at `commit_ts_micros`.
-    fn as_of_days(&self, commit_ts_micros: i64) -> i32 {
+    /// The as-of date (days since 1970-01-01) for a batch committed at
+    /// `commit_ts_micros`: its UTC date, or the pipeline's fixed `clock.as_of`.
+    pub fn as_of_days(&self, commit_ts_micros: i64) -> i32 {
         self.fixed_as_of
             .unwrap_or_else(|| commit_ts_micros.div_euclid(86_400_000_000) as i32)
     }
@@ -254,13 +288,33 @@ impl FeatureEngine {
     /// another client touches both; see `touched::row_image_entities`). The pieces of one
     /// large transaction are applied one by one.
     pub fn apply(&self, batch: &ChangeBatch, touched: &mut Touched) -> Result<(), FeatureError> {
+        let before = self.touch_before(batch, touched);
+        self.apply_touched(batch, before, touched)
+    }
+
+    /// The first half of [`FeatureEngine::apply`], which leaves state as it is: adds to
+    /// `touched` the entities `batch`'s rows belong to before it and through its own row
+    /// images (a referenced row's state after it is either unchanged or one of the
+    /// batch's images, which the lookup sees). A replay uses it to tell whether a
+    /// transaction touches an entity an earlier one already did.
+    pub fn touch_before(&self, batch: &ChangeBatch, touched: &mut Touched) -> BeforeApply {
         let changed = self.state.changed_keys(batch);
-        // Row images once, on the state before the batch: a referenced row's state after
-        // it is either unchanged or one of the batch's own images, which the lookup sees.
         for (f, set) in self.files.iter().zip(touched.0.iter_mut()) {
             set.extend(touched::entities(&self.state, &f.mappings, &changed));
             set.extend(touched::row_image_entities(&self.state, &f.mappings, batch));
         }
+        BeforeApply(changed)
+    }
+
+    /// The second half of [`FeatureEngine::apply`]: applies `batch` and adds the
+    /// entities its changed rows belong to afterwards.
+    pub fn apply_touched(
+        &self,
+        batch: &ChangeBatch,
+        before: BeforeApply,
+        touched: &mut Touched,
+    ) -> Result<(), FeatureError> {
+        let changed = before.0;
         self.state.apply(batch)?;
         for (f, set) in self.files.iter().zip(touched.0.iter_mut()) {
             set.extend(touched::entities(&self.state, &f.mappings, &changed));

@@ -1,5 +1,7 @@
-//! Offline reads for data scientists: point-in-time training sets from the same feature
-//! files the stream computes (`pipeline training-set`).
+//! Offline work on the lake: point-in-time training sets from the same feature files the
+//! stream computes (`pipeline training-set`), and backfills of added or changed feature
+//! files by replaying the raw change log through the feature engine (`pipeline
+//! backfill`, [`backfill`]), checked against what the stream wrote ([`verify`]).
 //!
 //! A *spine* names what to train on: one row per example with an entity key, a time and
 //! any other columns (labels, ids), from a Parquet or CSV file or a SQL query against the
@@ -22,13 +24,19 @@
 //! mode, the `_lsn` and `_commit_ts` each value came from), as a Parquet file or a
 //! Delta table with what was read recorded in its metadata.
 
+mod backfill;
 mod event;
 mod known;
 mod output;
+mod replay;
 mod spine;
+mod verify;
 
+pub use backfill::{backfill, BackfillRequest, BackfillSummary, Reason, TableBackfill};
 pub use output::METADATA_KEY;
+pub use replay::ReplayStats;
 pub use spine::SpineSource;
+pub use verify::VerifyReport;
 
 use crate::config::{FeatureFile, Pipeline};
 use crate::features::FeatureError;

@@ -26,7 +26,7 @@ mod supervise;
 mod thread_time;
 
 pub use policy::{action, Action};
-pub(crate) use rebuild::rebuild_state;
+pub(crate) use rebuild::{conform, rebuild_state, session_over};
 pub use start::Refusal;
 pub use supervise::run_supervised;
 
@@ -77,6 +77,11 @@ pub enum RunError {
     },
     #[error("a large transaction's pieces were not followed by its end")]
     PiecesWithoutEnd,
+    #[error(
+        "a backfill of {tables} did not finish (the lake carries its mark): run `pipeline \
+         backfill <pipeline.yaml>` again to finish it, then run"
+    )]
+    BackfillUnfinished { tables: String },
     #[error("{0} task failed")]
     Task(String),
     #[error("selecting the rows a table lacks: {0}")]
@@ -202,6 +207,9 @@ async fn run_stages(
     overrides: &SchemaOverrides,
 ) -> Result<(RunSummary, Option<SchemaChange>), RunError> {
     let stages = Stages::prepare(pipeline, overrides, opts.online.clone()).await?;
+    if let Some(tables) = stages.lake.read_marker(Mark::BackfillInProgress).await? {
+        return Err(RunError::BackfillUnfinished { tables });
+    }
     let mut sink = stages.open_sink().await?;
     let slot = source::slot_status(&stages.client, &stages.slot).await?;
     let start = start::decide(&StartFacts {

@@ -34,14 +34,17 @@ pub fn action(error: &RunError) -> Action {
             Refusal::SlotOfAnotherDatabase { .. } => {
                 operator("give the pipeline a slot of its own (source.slot / PIPELINE_SLOT)")
             }
-            Refusal::PartialLake { .. }
-            | Refusal::SlotLost { .. }
-            | Refusal::LakeWithoutSlot { .. } => operator(RESNAPSHOT),
+            Refusal::PartialLake { .. } => operator(
+                "`pipeline backfill` for an added feature file, `pipeline resnapshot` for a \
+                 lost raw table",
+            ),
+            Refusal::SlotLost { .. } | Refusal::LakeWithoutSlot { .. } => operator(RESNAPSHOT),
         },
         RunError::SchemaChange { .. } => {
             operator("change the feature file to the new source schema, then start again")
         }
         RunError::RawWrite { .. } => operator(RESNAPSHOT),
+        RunError::BackfillUnfinished { .. } => operator("run `pipeline backfill` to finish it"),
         RunError::Rebuild { source, .. } => {
             if store_unreachable(source.as_ref()) {
                 Action::Retry
@@ -116,8 +119,8 @@ pub(crate) fn sink(e: &SinkError) -> Action {
         SinkError::Store { .. } | SinkError::Sync { .. } => true,
         SinkError::Schema { .. } => {
             return Action::Operator {
-                fix: "make the feature file match the lake's table again, or rebuild it with \
-                      `pipeline resnapshot <pipeline.yaml>`",
+                fix: "give the feature table its new columns and their history with `pipeline \
+                      backfill <pipeline.yaml>`, or make the feature file match the table again",
             }
         }
         SinkError::Url { .. } => {

@@ -105,7 +105,7 @@ pub(crate) async fn rebuild_online(
 
 /// A DataFusion session with the lake table `path` (`table`, if open) registered as
 /// `alias`.
-async fn session_over(
+pub(crate) async fn session_over(
     table: Option<DeltaTable>,
     path: &LakeTable,
     alias: &str,
@@ -155,7 +155,7 @@ async fn last_truncate(
 /// Casts a batch read back from Delta (string views, timezone spellings) to `want`. A
 /// nullable column the lake does not have yet was added to the source after these rows
 /// were written (the stream announces it before the first row that carries it): NULL.
-fn conform(b: &RecordBatch, want: &SchemaRef) -> Result<RecordBatch, String> {
+pub(crate) fn conform(b: &RecordBatch, want: &SchemaRef) -> Result<RecordBatch, String> {
     let mut cols = Vec::with_capacity(want.fields().len());
     for f in want.fields() {
         match b.column_by_name(f.name()) {

@@ -81,7 +81,7 @@ impl<'a> Stages<'a> {
 
     /// Opens every raw and feature table of the pipeline, with background maintenance.
     pub(crate) async fn open_sink(&self) -> Result<DeltaSink, RunError> {
-        let app_id = format!("pipeline-{}-{}", self.pipeline.config.name, self.slot);
+        let app_id = self.pipeline.app_id(&self.slot);
         let raw = self.schemas.iter().map(|s| TableSpec {
             table: LakeTable::raw_of(&s.name),
             schema: crate::changelog::raw_schema(&s.schema),

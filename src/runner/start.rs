@@ -123,10 +123,10 @@ impl Start {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error(
-        "the lake at {root} has data from this pipeline, but {} {} none: a table deleted \
-         from the lake, or a feature file added to a running pipeline, cannot be backfilled \
-         yet. Restore the table, or rebuild every table with `pipeline resnapshot \
-         <pipeline.yaml>`",
+        "the lake at {root} has data from this pipeline, but {} {} none: a feature file \
+         added to a running pipeline gets its history with `pipeline backfill \
+         <pipeline.yaml>`; a raw table deleted from the lake must be restored, or every \
+         table rebuilt with `pipeline resnapshot <pipeline.yaml>`",
         missing.iter().map(LakeTable::path).collect::<Vec<_>>().join(", "),
         if missing.len() == 1 { "has" } else { "have" }
     )]

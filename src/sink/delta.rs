@@ -495,6 +495,30 @@ async fn open_table(
         table = add_columns_added_since(path, table, schema).await?;
         check_schema(path, &table, schema)?;
     }
+    let progress = table_progress(path, &table, app_id).await?;
+    let current = table.snapshot().map_err(derr)?.metadata().configuration();
+    if properties.iter().any(|(k, v)| current.get(k) != Some(v)) {
+        table = table
+            .set_tbl_properties()
+            .with_properties(properties.clone())
+            .with_raise_if_not_exists(false)
+            .await
+            .map_err(derr)?;
+        tracing::info!(table = %path, ?properties, "table properties set");
+    }
+    Ok((table, progress))
+}
+
+/// How far `table` got for `app_id`: the txn versions of its batches and of its snapshot.
+pub(crate) async fn table_progress(
+    path: &LakeTable,
+    table: &DeltaTable,
+    app_id: &str,
+) -> Result<TableProgress, SinkError> {
+    let derr = |source| SinkError::Delta {
+        table: path.clone(),
+        source,
+    };
     let log_store = table.log_store();
     let state = table.snapshot().map_err(derr)?;
     let mut versions = [Lsn::ZERO; 2];
@@ -508,21 +532,46 @@ async fn open_table(
             .map_err(derr)?;
         *v = Lsn::from_i64(txn.unwrap_or(0));
     }
-    let current = state.metadata().configuration();
-    if properties.iter().any(|(k, v)| current.get(k) != Some(v)) {
-        table = table
-            .set_tbl_properties()
-            .with_properties(properties.clone())
-            .with_raise_if_not_exists(false)
-            .await
-            .map_err(derr)?;
-        tracing::info!(table = %path, ?properties, "table properties set");
-    }
-    let progress = TableProgress {
+    Ok(TableProgress {
         committed: versions[0],
         snapshot: versions[1],
+    })
+}
+
+/// Replaces `path`'s content and schema with `batches` (creating the table, with
+/// `properties`, when missing) in one commit that says the table holds the batches up
+/// to `progress.committed` of the snapshot at `progress.snapshot`, as a stream from that
+/// snapshot would have left it. Earlier versions stay readable by time travel until
+/// vacuumed. Durable when it returns.
+pub(crate) async fn replace_history(
+    lake: &Lake,
+    app_id: &str,
+    path: &LakeTable,
+    batches: Vec<RecordBatch>,
+    progress: TableProgress,
+    properties: &HashMap<String, String>,
+) -> Result<DeltaTable, SinkError> {
+    let derr = |source| SinkError::Delta {
+        table: path.clone(),
+        source,
     };
-    Ok((table, progress))
+    let table = lake.table(path).await?;
+    let create = table.version().is_none();
+    let txns = vec![
+        Transaction::new(app_id, progress.committed.as_i64()),
+        Transaction::new(snapshot_app_id(app_id), progress.snapshot.as_i64()),
+    ];
+    let mut write = table
+        .write(batches)
+        .with_save_mode(SaveMode::Overwrite)
+        .with_schema_mode(SchemaMode::Overwrite)
+        .with_commit_properties(CommitProperties::default().with_application_transactions(txns));
+    if create {
+        write = write.with_configuration(properties.iter().map(|(k, v)| (k, Some(v))));
+    }
+    let table = write.await.map_err(derr)?;
+    lake.make_durable().await?;
+    Ok(table)
 }
 
 /// Reloads `table` and returns it with the txn version it holds for `app_id` (zero =
@@ -608,10 +657,17 @@ fn check_schema(path: &LakeTable, table: &DeltaTable, want: &SchemaRef) -> Resul
         s.fields().iter().map(|f| f.name().clone()).collect()
     };
     if names(&have) != names(want) {
+        let hint = match path.kind() {
+            super::TableKind::Features => {
+                ": its feature file changed; rebuild the table's history with `pipeline \
+                 backfill <pipeline.yaml>`, then run again"
+            }
+            _ => "",
+        };
         return Err(SinkError::Schema {
             table: path.clone(),
             message: format!(
-                "lake has {:?}, pipeline writes {:?}",
+                "lake has {:?}, pipeline writes {:?}{hint}",
                 names(&have),
                 names(want)
             ),

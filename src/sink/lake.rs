@@ -257,6 +257,23 @@ impl Lake {
         }
     }
 
+    /// The mark's body, if the mark is there.
+    pub async fn read_marker(&self, mark: Mark) -> Result<Option<String>, SinkError> {
+        let (store, path) = self.marker(mark)?;
+        let err = |source| SinkError::Store {
+            path: path.to_string(),
+            source,
+        };
+        match store.get(&path).await {
+            Ok(got) => {
+                let bytes = got.bytes().await.map_err(err)?;
+                Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+            }
+            Err(deltalake::ObjectStoreError::NotFound { .. }) => Ok(None),
+            Err(source) => Err(err(source)),
+        }
+    }
+
     pub async fn remove_marker(&self, mark: Mark) -> Result<(), SinkError> {
         let (store, path) = self.marker(mark)?;
         match store.delete(&path).await {

@@ -105,6 +105,9 @@ pub enum Mark {
     /// Present while a resnapshot is replacing the tables: a run that finds it finishes
     /// the resnapshot instead of streaming onto a half-replaced lake.
     ResnapshotInProgress,
+    /// Present while `pipeline backfill` rebuilds feature tables (it names them): a run
+    /// refuses to stream onto a history that is half old, half new.
+    BackfillInProgress,
 }
 
 impl Mark {
@@ -112,6 +115,7 @@ impl Mark {
     pub fn path(self) -> &'static str {
         match self {
             Mark::ResnapshotInProgress => "_pipeline/resnapshot-in-progress",
+            Mark::BackfillInProgress => "_pipeline/backfill-in-progress",
         }
     }
 }

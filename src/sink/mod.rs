@@ -23,6 +23,7 @@ mod maintain;
 #[cfg(test)]
 pub(crate) mod memory;
 mod staged;
+pub(crate) use delta::{replace_history, table_progress};
 pub use delta::{DeltaSink, TableSpec};
 pub use lake::Lake;
 pub use layout::{LakeTable, Mark, TableKind};

@@ -4,6 +4,7 @@
 // The helpers are `pub` for the test modules; nothing outside this binary can reach them.
 #![allow(unreachable_pub)]
 
+mod backfill;
 mod decide;
 mod faults;
 mod large_txn;
