@@ -8,7 +8,7 @@
 //! start; a backfill stopped part-way is finished by running it again.
 
 use super::replay::{self, ReplayInput, ReplayStats};
-use super::verify::{self, VerifyReport};
+use super::verify::{self, Served, ServedReport, VerifyReport};
 use super::OfflineError;
 use crate::changelog::{Lsn, LSN};
 use crate::config::{quote_ident, Pipeline};
@@ -70,6 +70,9 @@ pub struct BackfillSummary {
     pub until: Lsn,
     pub replay: ReplayStats,
     pub verify: Vec<VerifyReport>,
+    /// With `--verify` and a decisions file whose audit table exists: each value served
+    /// compared with the feature table at the served `_lsn`.
+    pub served: Option<ServedReport>,
     /// Whether the tables were replaced.
     pub written: bool,
     pub write_time: Duration,
@@ -77,9 +80,11 @@ pub struct BackfillSummary {
 }
 
 impl BackfillSummary {
-    /// Every verified table agreed with the stream.
+    /// Every verified table agreed with the stream, and what was served with the
+    /// feature table.
     pub fn consistent(&self) -> bool {
         self.verify.iter().all(VerifyReport::is_consistent)
+            && self.served.as_ref().is_none_or(ServedReport::is_consistent)
     }
 
     /// Source changes replayed per second (after the snapshot).
@@ -97,21 +102,24 @@ pub async fn backfill(
     let prepared = crate::runner::prepare(pipeline).await?;
     let engine = prepared.engine;
     let slot = pipeline.slot_name(&prepared.conn.database);
-    let status = crate::source::slot_status(&prepared.client, &slot)
-        .await
-        .map_err(crate::runner::RunError::from)?;
-    if let Some(pid) = status.as_ref().and_then(|s| s.active_pid) {
-        return Err(OfflineError::Request(format!(
-            "replication slot `{slot}` is in use (pid {pid}): stop the pipeline before a \
-             backfill; `pipeline run` streams on after it"
-        )));
-    }
+    // The slot's acknowledged position: every transaction before it is durable in every
+    // raw table (a raw table's own txn version moves only when it gets rows), and `run`
+    // streams on from it.
+    let until = match slot_idle(&prepared.client, &slot).await? {
+        Some(lsn) => lsn,
+        None => {
+            return Err(OfflineError::Request(format!(
+                "replication slot `{slot}` does not exist: the lake cannot stream on from a \
+                 backfill; rebuild it with `pipeline resnapshot <pipeline.yaml>`"
+            )))
+        }
+    };
     let lake = pipeline.config.lake.open()?;
     let app_id = pipeline.app_id(&slot);
 
-    // How far the raw mirror got: the history replayed is what every raw table holds.
+    // The snapshot the raw tables hold.
     let mut raw: HashMap<LakeTable, DeltaTable> = HashMap::new();
-    let (mut snapshots, mut until) = (Vec::new(), None::<Lsn>);
+    let mut snapshots = Vec::new();
     for schema in &prepared.schemas {
         let path = LakeTable::raw_of(&schema.name);
         let table = lake.table(&path).await?;
@@ -124,29 +132,28 @@ pub async fn backfill(
         }
         let p = crate::sink::table_progress(&path, &table, &app_id).await?;
         snapshots.push((path.clone(), p.snapshot));
-        until = Some(until.map_or(p.committed, |u| u.min(p.committed)));
         raw.insert(path, table);
     }
     let snapshot = snapshots.first().map(|(_, s)| *s).unwrap_or_default();
-    if snapshot.is_zero() || snapshots.iter().any(|(_, s)| *s != snapshot) {
+    if snapshot.is_zero() || until < snapshot || snapshots.iter().any(|(_, s)| *s != snapshot) {
         let seen: Vec<String> = snapshots
             .iter()
             .map(|(p, s)| format!("{p} at {s}"))
             .collect();
         return Err(OfflineError::Request(format!(
-            "the raw tables do not hold one complete snapshot of this pipeline ({}): \
-             `pipeline run` finishes an interrupted snapshot first",
+            "the raw tables do not hold one complete snapshot of this pipeline's slot ({}; \
+             slot at {until}): `pipeline run` finishes an interrupted snapshot first",
             seen.join(", ")
         )));
     }
-    let until = until.unwrap_or_default();
 
     // Which feature tables: added, changed, asked for, or left unfinished.
     let schemas = engine.output_schemas();
-    let unfinished: Vec<String> = match lake.read_marker(Mark::BackfillInProgress).await? {
-        Some(body) => serde_json::from_str(&body).unwrap_or_default(),
-        None => Vec::new(),
-    };
+    let previous_mark = lake.read_marker(Mark::BackfillInProgress).await?;
+    let unfinished: Vec<String> = previous_mark
+        .as_deref()
+        .map(|body| serde_json::from_str(body).unwrap_or_default())
+        .unwrap_or_default();
     let asked = resolve_asked(pipeline, &req.feature_files)?;
     let mut targets: Vec<(usize, Reason, Option<DeltaTable>)> = Vec::new();
     for (i, (name, schema)) in schemas.iter().enumerate() {
@@ -207,9 +214,14 @@ pub async fn backfill(
     let write = !req.dry_run && !rebuilt.is_empty();
     if write {
         // Before anything else: a run started meanwhile must not stream onto a table
-        // whose history is about to be replaced.
+        // whose history is about to be replaced. Then the slot again: a run that started
+        // before the mark may have taken it since.
         let body = serde_json::to_string(&rebuilt).expect("names serialize");
         lake.put_marker(Mark::BackfillInProgress, body).await?;
+        if let Err(e) = slot_idle(&prepared.client, &slot).await {
+            restore_mark(&lake, previous_mark.as_deref()).await?;
+            return Err(e);
+        }
     }
     tracing::info!(tables = ?rebuilt, %snapshot, %until, verify = req.verify, write, "backfill");
 
@@ -250,7 +262,10 @@ pub async fn backfill(
             let Some(table) = existing else { continue };
             let (name, schema) = &schemas[*i];
             let stream = read_stream_rows(table, name, schema).await?;
-            let report = verify::compare(name, stream, rows)?;
+            if let Some(d) = pipeline.decisions.as_ref().filter(|d| d.features == *name) {
+                summary.served = served_check(pipeline, &lake, d, name, stream.clone()).await?;
+            }
+            let report = verify::compare(name, stream, rows, until.as_i64())?;
             tracing::info!(table = %name, compared = report.compared,
                 mismatched = report.mismatched, missing = report.missing, "verified");
             summary.verify.push(report);
@@ -258,6 +273,9 @@ pub async fn backfill(
     }
 
     let write = write && summary.consistent();
+    if write {
+        slot_idle(&prepared.client, &slot).await?;
+    }
     let write_started = Instant::now();
     for ((i, reason, _), rows) in targets.into_iter().zip(replayed.rows) {
         let name = schemas[i].0.clone();
@@ -288,13 +306,135 @@ pub async fn backfill(
     }
     summary.write_time = write_started.elapsed();
     summary.written = write;
-    if !req.dry_run && !rebuilt.is_empty() && (write || !summary.consistent()) {
-        // Replaced, or left as they were because verification failed: either way the
-        // tables are whole again.
+    if write {
         lake.remove_marker(Mark::BackfillInProgress).await?;
+    } else if !req.dry_run && !rebuilt.is_empty() {
+        // Verification failed, nothing replaced: the mark as it was before this run (an
+        // earlier backfill's unfinished tables still need one).
+        restore_mark(&lake, previous_mark.as_deref()).await?;
     }
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// The slot's acknowledged LSN (none when the slot does not exist); an error when a
+/// process is streaming from it.
+async fn slot_idle(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<Lsn>, OfflineError> {
+    let status = crate::source::slot_status(client, slot)
+        .await
+        .map_err(crate::runner::RunError::from)?;
+    if let Some(pid) = status.as_ref().and_then(|s| s.active_pid) {
+        return Err(OfflineError::Request(format!(
+            "replication slot `{slot}` is in use (pid {pid}): stop the pipeline before a \
+             backfill; `pipeline run` streams on after it"
+        )));
+    }
+    Ok(status.map(|s| s.confirmed_flush_lsn.unwrap_or_default()))
+}
+
+/// Puts the backfill mark back as it was before this run (`previous`), or removes it.
+async fn restore_mark(
+    lake: &crate::sink::Lake,
+    previous: Option<&str>,
+) -> Result<(), OfflineError> {
+    match previous {
+        Some(body) => {
+            lake.put_marker(Mark::BackfillInProgress, body.to_string())
+                .await?
+        }
+        None => lake.remove_marker(Mark::BackfillInProgress).await?,
+    }
+    Ok(())
+}
+
+/// Every decision in the audit table of `d` (when it exists) compared with the feature
+/// table's `rows` at the served `_lsn`.
+async fn served_check(
+    pipeline: &Pipeline,
+    lake: &crate::sink::Lake,
+    d: &crate::config::DecisionsFile,
+    name: &str,
+    rows: Vec<RecordBatch>,
+) -> Result<Option<ServedReport>, OfflineError> {
+    use arrow::array::{Array, AsArray};
+    let path = LakeTable::decisions(&d.name);
+    let table = lake.table(&path).await?;
+    if table.version().is_none() {
+        return Ok(None);
+    }
+    let key_name = pipeline
+        .feature_files
+        .iter()
+        .find(|f| f.name == name)
+        .map(|f| f.entity.key.clone())
+        .expect("the decisions file names one of the feature files");
+    let int_keys = rows
+        .first()
+        .is_some_and(|b| b.column(0).data_type().is_integer());
+    let ctx = crate::runner::session_over(Some(table), &path, "d").await?;
+    let read = |e: datafusion::error::DataFusionError| OfflineError::Read {
+        table: path.clone(),
+        source: Box::new(e),
+    };
+    let batches = ctx
+        .sql("SELECT request, features, features_lsn FROM d")
+        .await
+        .map_err(read)?
+        .collect()
+        .await
+        .map_err(read)?;
+    let mut served = Vec::new();
+    for b in batches {
+        let text = |c: usize| arrow::compute::cast(b.column(c), &arrow::datatypes::DataType::Utf8);
+        let (request, inputs, lsn) = (text(0)?, text(1)?, text(2)?);
+        let (request, inputs, lsn) = (
+            request.as_string::<i32>(),
+            inputs.as_string::<i32>(),
+            lsn.as_string::<i32>(),
+        );
+        for i in 0..b.num_rows() {
+            served.push((|| {
+                let req: serde_json::Value = serde_json::from_str(request.value(i)).ok()?;
+                // As the API takes keys: a number or its text for an integer key.
+                let key = match (req.get(&key_name)?, int_keys) {
+                    (serde_json::Value::Number(n), true) => crate::state::Key::Int(n.as_i64()?),
+                    (serde_json::Value::String(s), true) => crate::state::Key::Int(s.parse().ok()?),
+                    (serde_json::Value::Number(n), false) => {
+                        crate::state::Key::Text(n.to_string().into())
+                    }
+                    (serde_json::Value::String(s), false) => {
+                        crate::state::Key::Text(s.as_str().into())
+                    }
+                    _ => return None,
+                };
+                let inputs =
+                    match serde_json::from_str::<serde_json::Value>(inputs.value(i)).ok()? {
+                        serde_json::Value::Object(m) => m,
+                        _ => return None,
+                    };
+                let lsn = lsn
+                    .is_valid(i)
+                    .then(|| lsn.value(i).parse::<Lsn>().ok())??;
+                Some(Served {
+                    key,
+                    inputs,
+                    lsn: lsn.as_i64(),
+                })
+            })());
+        }
+    }
+    let report = verify::compare_served(&path.path(), name, rows, &served)?;
+    tracing::info!(
+        decisions = report.decisions,
+        values = report.values,
+        mismatched = report.mismatched_values,
+        missing = report.missing,
+        "served values checked"
+    );
+    Ok(Some(report))
 }
 
 /// The feature files `asked` names (table name or file path), by position.
@@ -461,18 +601,44 @@ impl std::fmt::Display for BackfillSummary {
             let (mismatch, missing) = v.rates();
             writeln!(
                 f,
-                "verify features/{}: {} stream rows compared, {} mismatched ({:.4}%), {} missing ({:.4}%)",
+                "verify features/{}: {} stream rows compared, {} mismatched ({:.4}%), {} missing ({:.4}%){}",
                 v.table,
                 v.compared,
                 v.mismatched,
                 mismatch * 100.0,
                 v.missing,
-                missing * 100.0
+                missing * 100.0,
+                match v.beyond {
+                    0 => String::new(),
+                    n => format!(", {n} beyond what the raw tables hold (not compared)"),
+                }
             )?;
             for (feature, n) in &v.by_feature {
                 writeln!(f, "  {feature}: {n} rows differ")?;
             }
             for e in &v.examples {
+                writeln!(f, "  e.g. {e}")?;
+            }
+        }
+        if let Some(s) = &self.served {
+            let n = s.decisions.max(1) as f64;
+            writeln!(
+                f,
+                "served {} ({}): {} decisions, {} feature values compared, {} mismatched \
+                 ({:.4}% of decisions), {} without a feature row at the served _lsn ({:.4}%)",
+                s.table,
+                s.decisions_table,
+                s.decisions,
+                s.values,
+                s.mismatched_values,
+                s.mismatched_decisions as f64 / n * 100.0,
+                s.missing,
+                s.missing as f64 / n * 100.0
+            )?;
+            for (feature, k) in &s.by_feature {
+                writeln!(f, "  {feature}: {k} values differ")?;
+            }
+            for e in &s.examples {
                 writeln!(f, "  e.g. {e}")?;
             }
         }

@@ -36,7 +36,7 @@ pub use backfill::{backfill, BackfillRequest, BackfillSummary, Reason, TableBack
 pub use output::METADATA_KEY;
 pub use replay::ReplayStats;
 pub use spine::SpineSource;
-pub use verify::VerifyReport;
+pub use verify::{ServedReport, VerifyReport};
 
 use crate::config::{FeatureFile, Pipeline};
 use crate::features::FeatureError;

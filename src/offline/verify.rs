@@ -28,6 +28,8 @@ pub struct VerifyReport {
     pub mismatched: usize,
     /// Stream rows for which the replay has no row of the key at or below its `_lsn`.
     pub missing: usize,
+    /// Stream rows of transactions beyond the replayed range (not compared).
+    pub beyond: usize,
     /// Per compared feature, the rows where it differs.
     pub by_feature: BTreeMap<String, usize>,
     /// A few mismatches, described.
@@ -55,9 +57,16 @@ enum Values {
 
 impl Values {
     fn of(col: &ArrayRef) -> Result<Values, arrow::error::ArrowError> {
+        Self::of_with(col, false)
+    }
+
+    /// As [`Values::of`]; with `dates_as_text`, dates compare as `YYYY-MM-DD` (as JSON
+    /// carries them).
+    fn of_with(col: &ArrayRef, dates_as_text: bool) -> Result<Values, arrow::error::ArrowError> {
         let t = col.data_type();
+        let date_as_number = *t == DataType::Date32 && !dates_as_text;
         Ok(
-            if t.is_integer() || matches!(t, DataType::Boolean | DataType::Date32) {
+            if t.is_integer() || *t == DataType::Boolean || date_as_number {
                 let c = arrow::compute::cast(col, &DataType::Int64)?;
                 Values::Int(c.as_primitive::<Int64Type>().clone())
             } else if t.is_floating() || matches!(t, DataType::Decimal128(..)) {
@@ -109,7 +118,7 @@ impl Values {
 }
 
 /// One side's rows: per key, (`_lsn`, batch, row) sorted by `_lsn`.
-struct Side {
+pub(crate) struct Side {
     batches: Vec<RecordBatch>,
     by_key: HashMap<Key, Vec<(i64, usize, usize)>>,
 }
@@ -135,14 +144,24 @@ impl Side {
         }
         Side { batches, by_key }
     }
+
+    /// The row of `key` with the highest `_lsn` at or below `lsn`: (its `_lsn`, batch, row).
+    fn at(&self, key: &Key, lsn: i64) -> Option<(i64, usize, usize)> {
+        let rows = self.by_key.get(key)?;
+        let i = rows.partition_point(|r| r.0 <= lsn);
+        i.checked_sub(1).map(|i| rows[i])
+    }
 }
 
-/// Compares every row of `stream` (the feature table as the stream wrote it) with the
-/// `replayed` rows of the same table, on the features both have.
+/// Compares every row of `stream` (the feature table as the stream wrote it) below
+/// `until` (the transactions replayed; a table may hold a batch the raw tables do not
+/// yet, after a crash) with the `replayed` rows of the same table, on the features both
+/// have.
 pub(crate) fn compare(
     table: &str,
     stream: Vec<RecordBatch>,
     replayed: &[RecordBatch],
+    until: i64,
 ) -> Result<VerifyReport, arrow::error::ArrowError> {
     let mut report = VerifyReport {
         table: table.to_string(),
@@ -154,6 +173,7 @@ pub(crate) fn compare(
         report.compared = report.missing;
         return Ok(report);
     };
+    // (An empty replay cannot happen past the snapshot: every entity has a row there.)
     let reserved = [FEATURE_TIME, OUTPUT_LSN, COMPUTED_AT, OUTPUT_COMMIT_TS];
     let key_name = first.schema().field(0).name().clone();
     // The features both sides have (by name), and the deletion flag.
@@ -190,13 +210,14 @@ pub(crate) fn compare(
         )?;
         let lsn = lsn.as_primitive::<Int64Type>();
         for row in 0..batch.num_rows() {
+            if lsn.value(row) >= until {
+                report.beyond += 1;
+                continue;
+            }
             report.compared += 1;
             let key = key_at(batch.column(0), row);
             let at = lsn.value(row);
-            let found = replay.by_key.get(&key).and_then(|rows| {
-                let i = rows.partition_point(|r| r.0 <= at);
-                i.checked_sub(1).map(|i| rows[i])
-            });
+            let found = replay.at(&key, at);
             let Some((replay_lsn, b, r)) = found else {
                 report.missing += 1;
                 if report.examples.len() < EXAMPLES {
@@ -229,4 +250,143 @@ pub(crate) fn compare(
         }
     }
     Ok(report)
+}
+
+/// What the decision service served, compared with the feature table.
+#[derive(Debug, Clone, Default)]
+pub struct ServedReport {
+    /// The audit table read (`decisions/<name>`) and the feature table.
+    pub decisions_table: String,
+    pub table: String,
+    pub decisions: usize,
+    /// Feature values compared (those of the table's features in each decision).
+    pub values: usize,
+    pub mismatched_values: usize,
+    /// Decisions with at least one value different.
+    pub mismatched_decisions: usize,
+    /// Decisions whose entity has no row at or below the served `_lsn`, or whose
+    /// request or record could not be read.
+    pub missing: usize,
+    pub by_feature: BTreeMap<String, usize>,
+    pub examples: Vec<String>,
+}
+
+impl ServedReport {
+    pub fn is_consistent(&self) -> bool {
+        self.mismatched_values == 0 && self.missing == 0
+    }
+}
+
+/// One decision as the audit trail has it: the request's entity key, the inputs served
+/// (features and application columns, JSON) and the `_lsn` of the feature row read.
+pub(crate) struct Served {
+    pub key: Key,
+    pub inputs: serde_json::Map<String, serde_json::Value>,
+    pub lsn: i64,
+}
+
+/// Compares each served feature value with the feature table's row for the entity at
+/// the served `_lsn` (its highest at or below it): what a known-time training set at
+/// that moment gives. `table` holds the feature table's rows.
+pub(crate) fn compare_served(
+    decisions_table: &str,
+    table: &str,
+    rows: Vec<RecordBatch>,
+    served: &[Option<Served>],
+) -> Result<ServedReport, arrow::error::ArrowError> {
+    let mut report = ServedReport {
+        decisions_table: decisions_table.to_string(),
+        table: table.to_string(),
+        decisions: served.len(),
+        ..Default::default()
+    };
+    let side = Side::new(rows);
+    let features: Vec<String> = side
+        .batches
+        .first()
+        .map(|b| {
+            b.schema()
+                .fields()
+                .iter()
+                .skip(1)
+                .map(|f| f.name().clone())
+                .filter(|n| !n.starts_with('_') && n != FEATURE_TIME && n != COMPUTED_AT)
+                .collect()
+        })
+        .unwrap_or_default();
+    let values: Vec<Vec<Values>> = side
+        .batches
+        .iter()
+        .map(|b| {
+            features
+                .iter()
+                .map(|c| Values::of_with(b.column_by_name(c).expect("feature column"), true))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<_, _>>()?;
+    for s in served {
+        let Some(s) = s else {
+            report.missing += 1;
+            continue;
+        };
+        let Some((_, b, r)) = side.at(&s.key, s.lsn) else {
+            report.missing += 1;
+            if report.examples.len() < EXAMPLES {
+                report.examples.push(format!(
+                    "{:?} served at _lsn {}: no feature row at or before it",
+                    s.key, s.lsn
+                ));
+            }
+            continue;
+        };
+        let mut differs = Vec::new();
+        for (c, name) in features.iter().enumerate() {
+            let Some(v) = s.inputs.get(name) else {
+                continue;
+            };
+            report.values += 1;
+            if !values[b][c].same_as_json(r, v) {
+                report.mismatched_values += 1;
+                *report.by_feature.entry(name.clone()).or_default() += 1;
+                differs.push(format!("{name}: served {v} table {}", values[b][c].show(r)));
+            }
+        }
+        if !differs.is_empty() {
+            report.mismatched_decisions += 1;
+            if report.examples.len() < EXAMPLES {
+                report.examples.push(format!(
+                    "{:?} served at _lsn {}: {}",
+                    s.key,
+                    s.lsn,
+                    differs.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(report)
+}
+
+impl Values {
+    /// Whether row `i` equals the JSON value `v` (as the API writes values).
+    fn same_as_json(&self, i: usize, v: &serde_json::Value) -> bool {
+        use serde_json::Value as J;
+        match v {
+            J::Null => self.is_null(i),
+            _ if self.is_null(i) => false,
+            J::Number(n) => match self {
+                Values::Int(a) => n.as_i64() == Some(a.value(i)),
+                Values::Float(a) => n.as_f64().is_some_and(|x| {
+                    let y = a.value(i);
+                    x == y || (x - y).abs() <= FLOAT_TOLERANCE * x.abs().max(y.abs()).max(1.0)
+                }),
+                Values::Text(a) => a.value(i) == n.to_string(),
+            },
+            J::Bool(b) => matches!(self, Values::Int(a) if a.value(i) == i64::from(*b)),
+            J::String(s) => match self {
+                Values::Text(a) => a.value(i) == s,
+                other => other.show(i) == *s,
+            },
+            J::Array(_) | J::Object(_) => false,
+        }
+    }
 }

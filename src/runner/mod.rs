@@ -207,8 +207,17 @@ async fn run_stages(
     overrides: &SchemaOverrides,
 ) -> Result<(RunSummary, Option<SchemaChange>), RunError> {
     let stages = Stages::prepare(pipeline, overrides, opts.online.clone()).await?;
-    if let Some(tables) = stages.lake.read_marker(Mark::BackfillInProgress).await? {
-        return Err(RunError::BackfillUnfinished { tables });
+    // A resnapshot replaces every table, so it also ends an unfinished backfill.
+    if let Some(body) = stages.lake.read_marker(Mark::BackfillInProgress).await? {
+        if !opts.resnapshot {
+            let tables: Vec<String> = serde_json::from_str(&body).unwrap_or_default();
+            let tables = tables
+                .iter()
+                .map(|t| format!("features/{t}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(RunError::BackfillUnfinished { tables });
+        }
     }
     let mut sink = stages.open_sink().await?;
     let slot = source::slot_status(&stages.client, &stages.slot).await?;

@@ -144,6 +144,8 @@ impl<'a> Stages<'a> {
         if resnapshot {
             self.lake.remove_marker(Mark::ResnapshotInProgress).await?;
         }
+        // Every table now holds the new snapshot: no backfill is left to finish.
+        self.lake.remove_marker(Mark::BackfillInProgress).await?;
         summary.last_lsn = lsn;
         tracing::info!(rows = summary.snapshot_rows, %lsn,
             elapsed_ms = started.elapsed().as_millis() as u64,

@@ -162,6 +162,69 @@ async fn an_application_is_decided_on_features_that_include_it_and_audited() {
     assert!(model.starts_with("loan_default@"));
     let f: Value = serde_json::from_str(features).unwrap();
     assert_eq!(f["application_amount"], json!(7000.0));
+
+    // Online/offline consistency: once the served rows are in Delta and the pipeline is
+    // stopped, `backfill --verify` (nothing to rebuild: it checks every table) compares
+    // each served value with the feature table at the served LSN.
+    let lsns: Vec<i64> = rows
+        .iter()
+        .map(|r| r.2.parse::<Lsn>().unwrap().as_i64())
+        .collect();
+    let in_delta = format!(
+        "SELECT count(DISTINCT _lsn) FROM t WHERE _lsn IN ({})",
+        lsns.iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let features_table = LakeTable::features("client_features");
+    let started = Instant::now();
+    loop {
+        let b = read_delta(&p.lake, &features_table, &in_delta).await;
+        use arrow::array::AsArray;
+        let n = b[0]
+            .column(0)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .value(0) as usize;
+        let distinct: std::collections::HashSet<_> = lsns.iter().collect();
+        if n == distinct.len() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "served rows never reached Delta"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(api);
+    let mut out = None;
+    for _ in 0..100 {
+        let o = crate::pipeline_bin()
+            .args(["backfill", "--verify"])
+            .arg(&p.file)
+            .output()
+            .unwrap();
+        // The killed pipeline's slot is released a moment after.
+        if String::from_utf8_lossy(&o.stderr).contains("is in use") {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        out = Some(o);
+        break;
+    }
+    let out = out.expect("the slot was never released");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("served client_features (decisions/loan_decisions): 2 decisions")
+            && stdout.contains("feature values compared, 0 mismatched")
+            && stdout.contains(" 0 without a feature row"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
