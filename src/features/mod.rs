@@ -56,6 +56,9 @@ pub use crate::config::{
 
 /// Entities per query when computing every entity's features (after a snapshot).
 const ALL_ENTITIES_CHUNK: usize = 8_192;
+/// Entities per query at least when a computation is split over the cores: below it a
+/// query's fixed cost outweighs a second core.
+const PARALLEL_CHUNK: usize = 1_024;
 
 /// One feature file, planned.
 struct CompiledFile {
@@ -219,53 +222,72 @@ impl FeatureEngine {
     /// Features of every entity (after the initial snapshot). Computed for
     /// [`ALL_ENTITIES_CHUNK`] entities at a time through the same indexed scopes as a
     /// change batch, so that memory follows the chunk rather than the tables (a query
-    /// over whole tables would hold every table's rows and join state at once), and
-    /// one chunk per core at a time: each query runs on one thread.
+    /// over whole tables would hold every table's rows and join state at once).
     pub async fn compute_all(
         &self,
         lsn: Lsn,
         commit_ts_micros: i64,
     ) -> Result<Vec<FeatureRows>, FeatureError> {
-        let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut out = Vec::new();
         for file in &self.files {
             let entities = self.entity_keys(file);
-            let chunks: Vec<&[Key]> = entities.chunks(ALL_ENTITIES_CHUNK).collect();
-            let mut batches: Vec<Option<RecordBatch>> = vec![None; chunks.len()];
-            // Dropped on error: aborts the queries still running.
-            let mut running = tokio::task::JoinSet::new();
-            let mut finish = |done: Option<Result<_, tokio::task::JoinError>>| {
-                let (i, rows) = done
-                    .expect("a query is running")
-                    .expect("feature query task panicked");
-                batches[i] = Some(rows?);
-                Ok::<_, FeatureError>(())
-            };
-            for (i, chunk) in chunks.into_iter().enumerate() {
-                if running.len() == parallel {
-                    finish(running.join_next().await)?;
-                }
-                let stamp = self.stamp(lsn, commit_ts_micros);
-                let query = self.query(file, chunk.iter().cloned().collect(), stamp);
-                running.spawn(async move { (i, query.execute().await) });
-            }
-            while !running.is_empty() {
-                finish(running.join_next().await)?;
-            }
-            let batches: Vec<RecordBatch> = batches.into_iter().flatten().collect();
-            let batch =
-                arrow::compute::concat_batches(&file.schema, &batches).map_err(|source| {
-                    FeatureError::Arrow {
-                        table: file.def.name.clone(),
-                        source,
-                    }
-                })?;
+            let stamp = self.stamp(lsn, commit_ts_micros);
             out.push(FeatureRows {
                 table: file.def.name.clone(),
-                batch,
+                batch: self.compute_chunked(file, entities, stamp).await?,
             });
         }
         Ok(out)
+    }
+
+    /// The features of `entities` of `file`, in chunks of at most [`ALL_ENTITIES_CHUNK`]
+    /// and at least [`PARALLEL_CHUNK`] entities, one chunk per core at a time: each
+    /// query runs on one thread.
+    async fn compute_chunked(
+        &self,
+        file: &CompiledFile,
+        entities: Vec<Key>,
+        stamp: Stamp,
+    ) -> Result<RecordBatch, FeatureError> {
+        let parallel = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let size = entities
+            .len()
+            .div_ceil(parallel)
+            .clamp(PARALLEL_CHUNK, ALL_ENTITIES_CHUNK);
+        let chunks: Vec<&[Key]> = entities.chunks(size).collect();
+        if let [one] = chunks[..] {
+            return self
+                .query(file, one.iter().cloned().collect(), stamp)
+                .execute()
+                .await;
+        }
+        let mut batches: Vec<Option<RecordBatch>> = vec![None; chunks.len()];
+        // Dropped on error: aborts the queries still running.
+        let mut running = tokio::task::JoinSet::new();
+        let mut finish = |done: Option<Result<_, tokio::task::JoinError>>| {
+            let (i, rows) = done
+                .expect("a query is running")
+                .expect("feature query task panicked");
+            batches[i] = Some(rows?);
+            Ok::<_, FeatureError>(())
+        };
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            if running.len() == parallel {
+                finish(running.join_next().await)?;
+            }
+            let query = self.query(file, chunk.iter().cloned().collect(), stamp);
+            running.spawn(async move { (i, query.execute().await) });
+        }
+        while !running.is_empty() {
+            finish(running.join_next().await)?;
+        }
+        let batches: Vec<RecordBatch> = batches.into_iter().flatten().collect();
+        arrow::compute::concat_batches(&file.schema, &batches).map_err(|source| {
+            FeatureError::Arrow {
+                table: file.def.name.clone(),
+                source,
+            }
+        })
     }
 
     /// Every entity of `file`: the distinct non-NULL keys of its entity table.
@@ -335,12 +357,17 @@ impl FeatureEngine {
             if entities.is_empty() {
                 continue;
             }
+            let stamp = self.stamp(lsn, commit_ts_micros);
+            let batch = if entities.len() < 2 * PARALLEL_CHUNK {
+                self.query(file, entities, stamp).execute().await?
+            } else {
+                // A catch-up batch or a replayed group: on every core.
+                self.compute_chunked(file, entities.into_iter().collect(), stamp)
+                    .await?
+            };
             out.push(FeatureRows {
                 table: file.def.name.clone(),
-                batch: self
-                    .query(file, entities, self.stamp(lsn, commit_ts_micros))
-                    .execute()
-                    .await?,
+                batch,
             });
         }
         Ok(out)
