@@ -265,7 +265,7 @@ pub async fn backfill(
             if let Some(d) = pipeline.decisions.as_ref().filter(|d| d.features == *name) {
                 summary.served = served_check(pipeline, &lake, d, name, stream.clone()).await?;
             }
-            let report = verify::compare(name, stream, rows, until.as_i64())?;
+            let report = verify::compare(name, stream, rows, (snapshot.as_i64(), until.as_i64()))?;
             tracing::info!(table = %name, compared = report.compared,
                 mismatched = report.mismatched, missing = report.missing, "verified");
             summary.verify.push(report);

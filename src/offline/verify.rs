@@ -153,15 +153,15 @@ impl Side {
     }
 }
 
-/// Compares every row of `stream` (the feature table as the stream wrote it) below
-/// `until` (the transactions replayed; a table may hold a batch the raw tables do not
-/// yet, after a crash) with the `replayed` rows of the same table, on the features both
-/// have.
+/// Compares every row of `stream` (the feature table as the stream wrote it) that the
+/// replay covers, the snapshot's (at `snapshot`) and those of transactions below `until`
+/// (a table may hold a batch beyond it after a crash), with the `replayed` rows of the
+/// same table, on the features both have.
 pub(crate) fn compare(
     table: &str,
     stream: Vec<RecordBatch>,
     replayed: &[RecordBatch],
-    until: i64,
+    (snapshot, until): (i64, i64),
 ) -> Result<VerifyReport, arrow::error::ArrowError> {
     let mut report = VerifyReport {
         table: table.to_string(),
@@ -210,7 +210,7 @@ pub(crate) fn compare(
         )?;
         let lsn = lsn.as_primitive::<Int64Type>();
         for row in 0..batch.num_rows() {
-            if lsn.value(row) >= until {
+            if lsn.value(row) >= until && lsn.value(row) != snapshot {
                 report.beyond += 1;
                 continue;
             }

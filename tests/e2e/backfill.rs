@@ -203,6 +203,16 @@ async fn a_feature_added_to_a_running_pipeline_is_backfilled_verified_and_stream
     cancel.cancel();
     handle.await.unwrap().unwrap();
     let streamed_version = table_version(&p.lake).await;
+    let stream_rows = read_delta(
+        &p.lake,
+        &LakeTable::features("client_features"),
+        "SELECT count(*) FROM t",
+    )
+    .await[0]
+        .column(0)
+        .as_primitive::<Int64Type>()
+        .value(0) as usize;
+    assert!(stream_rows > 300, "{stream_rows}");
 
     // The full feature file: `run` refuses, naming the way out.
     p.update(|c| c.features = vec![repo().join("feature_defs/client_features.yaml")]);
@@ -241,6 +251,14 @@ async fn a_feature_added_to_a_running_pipeline_is_backfilled_verified_and_stream
         "{stdout}"
     );
     assert!(stdout.contains("written as version"), "{stdout}");
+    // Every row the stream wrote was compared, the snapshot's too.
+    let compared: usize = stdout
+        .split("verify features/client_features: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no verify line: {stdout}"));
+    assert_eq!(compared, stream_rows, "{stdout}");
     assert_eq!(table_version(&p.lake).await, streamed_version + 1);
 
     // Old features as the stream left them, new ones as the oracle has them.
