@@ -19,7 +19,9 @@
 
 mod common;
 
-use common::{bin, knob, latest_version, percentile, pg_base, psql, S3Server};
+use common::{
+    bench_python, bin, knob, latest_version, percentile, pg_base, psql, run_measured, S3Server,
+};
 use pipeline::config::{LakeConfig, PipelineConfig, SourceConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -48,26 +50,6 @@ fn drop_slot(url: &str) {
         url,
         "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE slot_name = 'bench_slot'",
     );
-}
-
-/// Runs the command and returns (wall time, peak RSS in MiB) of the child.
-// The child is reaped by `wait4` (for its rusage), which clippy cannot see.
-#[allow(clippy::zombie_processes)]
-fn run_measured(cmd: &mut Command) -> (Duration, f64) {
-    let started = Instant::now();
-    let child = cmd.spawn().unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting for our own child; `usage` is a valid out-pointer.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let wall = started.elapsed();
-    assert_eq!(r, pid);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "pipeline failed"
-    );
-    (wall, usage.ru_maxrss as f64 / 1024.0)
 }
 
 fn main() {
@@ -192,17 +174,6 @@ fn large_transaction(url: &str, rows: i64) {
         peak,
         snapshot_rss
     );
-}
-
-/// The examples' virtualenv (scripts/examples.sh), which has deltalake and duckdb.
-fn bench_python() -> Option<PathBuf> {
-    let p = std::env::var("BENCH_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap())
-                .join(".cache/pipeline-examples-venv/bin/python")
-        });
-    p.exists().then_some(p)
 }
 
 /// Streams single-row updates until the feature table has `commits` more versions (the

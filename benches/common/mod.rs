@@ -182,3 +182,34 @@ pub(crate) fn latest_version(delta_log: &std::path::Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Runs the command and returns (wall time, peak RSS in MiB) of the child.
+// The child is reaped by `wait4` (for its rusage), which clippy cannot see.
+#[allow(clippy::zombie_processes)]
+pub(crate) fn run_measured(cmd: &mut Command) -> (std::time::Duration, f64) {
+    let started = std::time::Instant::now();
+    let child = cmd.spawn().unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child; `usage` is a valid out-pointer.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall = started.elapsed();
+    assert_eq!(r, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "pipeline failed"
+    );
+    (wall, usage.ru_maxrss as f64 / 1024.0)
+}
+
+/// The examples' virtualenv (scripts/examples.sh), which has deltalake and duckdb.
+pub(crate) fn bench_python() -> Option<std::path::PathBuf> {
+    let p = std::env::var("BENCH_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/pipeline-examples-venv/bin/python")
+        });
+    p.exists().then_some(p)
+}
