@@ -38,10 +38,22 @@ loans=$(psql -X -tA "$PG_URL" -c "SELECT count(*) FROM loan")
   --out "$work/train_known"
 "$venv/bin/python" examples/read_training_set.py "$work/train_known" --expect-rows 2000
 
-# The model loop: train on this lake, then `pipeline validate` loads the ONNX file with the
-# decision rules (feature names, and the model's own check rows scored in Rust must match
-# scikit-learn's probabilities).
-"$venv/bin/python" examples/train_model.py "$LAKE_URL" --out "$work/model.onnx"
+# The model loop, on the shared dump when it is there (the seeded data otherwise; AS_OF is
+# the dump's last day): an event-time training set, models on the current features vs
+# point-in-time ones, the ONNX export; then `pipeline validate` loads the ONNX file with
+# the decision rules (feature names, and the model's own check rows scored in Rust must
+# match scikit-learn's probabilities).
+dump=../shared/dumps/de_test_task_db
+if [ -e "$dump" ]; then
+  export PG_URL=postgres://postgres@127.0.0.1:5432/pt_examples_dump
+  export LAKE_URL=$work/dump_lake
+  export PIPELINE_SLOT=examples_dump_slot
+  "$bin" db restore "$dump" --clean
+  "$bin" run pipelines/loan_features.yaml --once
+  psql -X -q "$PG_URL" -c "SELECT pg_drop_replication_slot('examples_dump_slot')" >/dev/null
+fi
+"$venv/bin/python" examples/train_model.py pipelines/loan_features.yaml --lake "$LAKE_URL" \
+  --bin "$bin" --out "$work/model.onnx"
 sed "s|^model: .*|model: $work/model.onnx|" decisions/loan_rules.yaml >"$work/rules.yaml"
 sed -e "s|\.\./feature_defs/|$PWD/feature_defs/|" -e "s|^decisions: .*|decisions: $work/rules.yaml|" \
   pipelines/loan_features.yaml >"$work/pipeline.yaml"
