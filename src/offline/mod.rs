@@ -1,7 +1,7 @@
 //! Offline work on the lake: point-in-time training sets from the same feature files the
 //! stream computes (`pipeline training-set`), and backfills of added or changed feature
 //! files by replaying the raw change log through the feature engine (`pipeline
-//! backfill`, [`backfill`]), checked against what the stream wrote ([`verify`]).
+//! backfill`, [`mod@backfill`]), checked against what the stream wrote ([`verify`]).
 //!
 //! A *spine* names what to train on: one row per example with an entity key, a time and
 //! any other columns (labels, ids), from a Parquet or CSV file or a SQL query against the
