@@ -452,3 +452,209 @@ async fn a_feature_table_without_commit_ts_gains_it_on_start() {
         "{summary}"
     );
 }
+
+/// Known time over random spines: no row ever gets a value committed after its time, and
+/// each gets exactly the stream's row for its key with the highest `_lsn` among those
+/// committed by then (checked against the feature table read here), at random instants
+/// and at every row's own commit time and the microsecond before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_time_over_random_spines_never_leaks_and_returns_the_streamed_rows() {
+    use rand::{Rng, SeedableRng};
+    let (info, client) = seeded_db("pt_train_prop", 200).await;
+    let p = pipeline_file(&info, "train_prop", Some(AS_OF));
+    let (handle, cancel) = spawn_pipeline(p.load(), false);
+    wait_until_oracle_matches(&p.lake, &client, AS_OF, STREAM_TIMEOUT).await;
+    // Changes spread over time, some clients changed several times.
+    let loans: Vec<i32> = client
+        .query("SELECT id FROM loan ORDER BY id LIMIT 40", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (i, id) in loans.iter().enumerate() {
+        let status = ["paid", "overdue", "active"][i % 3];
+        client
+            .execute(
+                &format!(
+                    "UPDATE loan SET status = '{status}' WHERE id = {}",
+                    loans[i % 15]
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        if i % 4 == 0 {
+            client
+                .execute(&format!("DELETE FROM payment WHERE loan_id = {id}"), &[])
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    wait_until_oracle_matches(&p.lake, &client, AS_OF, STREAM_TIMEOUT).await;
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+
+    // The stream's rows: per client, (_lsn, _commit_ts µs, paid_loans_count) by _lsn.
+    let mut rows: BTreeMap<i64, Vec<(i64, i64, Option<i64>)>> = BTreeMap::new();
+    for b in read_delta(
+        &p.lake,
+        &LakeTable::features("client_features"),
+        "SELECT client_id, _lsn, CAST(_commit_ts AS BIGINT), paid_loans_count FROM t",
+    )
+    .await
+    {
+        let (k, l, t) = (
+            b.column(0).as_primitive::<Int64Type>(),
+            b.column(1).as_primitive::<Int64Type>(),
+            b.column(2).as_primitive::<Int64Type>(),
+        );
+        let paid = b.column(3).as_primitive::<Int64Type>();
+        for i in 0..b.num_rows() {
+            rows.entry(k.value(i)).or_default().push((
+                l.value(i),
+                t.value(i),
+                paid.is_valid(i).then(|| paid.value(i)),
+            ));
+        }
+    }
+    for r in rows.values_mut() {
+        r.sort();
+    }
+    let commits: Vec<i64> = rows.values().flatten().map(|r| r.1).collect();
+    let (first, last) = (
+        *commits.iter().min().unwrap(),
+        *commits.iter().max().unwrap(),
+    );
+    let clients: Vec<i64> = rows.keys().copied().collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6615);
+    let mut spine: Vec<(i64, i64)> = (0..3000)
+        .map(|_| {
+            let c = clients[rng.random_range(0..clients.len())];
+            (c, rng.random_range(first - 1_000_000..=last + 1_000_000))
+        })
+        .collect();
+    for (c, r) in &rows {
+        for &(_, t, _) in r.iter().filter(|r| r.1 > first) {
+            spine.push((*c, t));
+            spine.push((*c, t - 1));
+        }
+    }
+    let at = |us: i64| {
+        chrono::DateTime::from_timestamp_micros(us)
+            .unwrap()
+            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string()
+    };
+    let mut csv = String::from("client_id,at\n");
+    for (c, t) in &spine {
+        csv.push_str(&format!("{c},{}\n", at(*t)));
+    }
+    let file = p.dir.join("random_spine.csv");
+    std::fs::write(&file, csv).unwrap();
+    let out = p.dir.join("known.parquet");
+    training_set(
+        &p,
+        &[
+            "--spine",
+            file.to_str().unwrap(),
+            "--key",
+            "client_id",
+            "--time",
+            "at",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let (b, _) = read_parquet(&out);
+    assert_eq!(b.num_rows(), spine.len());
+    let lsn = b["_lsn"].as_primitive::<Int64Type>();
+    let commit =
+        arrow::compute::cast(&b["_commit_ts"], &arrow::datatypes::DataType::Int64).unwrap();
+    let commit = commit.as_primitive::<Int64Type>();
+    let paid = b["paid_loans_count"].as_primitive::<Int64Type>();
+    let mut leaks = Vec::new();
+    let mut wrong = Vec::new();
+    for (i, (c, t)) in spine.iter().enumerate() {
+        if commit.is_valid(i) && commit.value(i) > *t {
+            leaks.push(format!(
+                "client {c} at {t}: value committed at {}",
+                commit.value(i)
+            ));
+        }
+        let want = rows[c]
+            .iter()
+            .filter(|r| r.1 <= *t)
+            .max_by_key(|r| r.0)
+            .map(|r| (r.0, r.2));
+        let got = lsn
+            .is_valid(i)
+            .then(|| (lsn.value(i), paid.is_valid(i).then(|| paid.value(i))));
+        if got != want {
+            wrong.push(format!(
+                "client {c} at {t}: got {got:?}, the stream's row {want:?}"
+            ));
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "{} leaks: {:?}",
+        leaks.len(),
+        &leaks[..leaks.len().min(5)]
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} wrong: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}
+
+/// Spines that cannot be used are refused before any work, naming the file and column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_spines_are_refused_naming_file_and_column() {
+    let (info, _client) = seeded_db("pt_train_bad", 5).await;
+    let p = pipeline_file(&info, "train_bad", Some(AS_OF));
+    run_once(&p, "--once");
+    for (name, csv, want) in [
+        (
+            "no_time.csv",
+            "client_id,when\n1,2020-08-01\n",
+            "no time column `at`",
+        ),
+        (
+            "bad_key.csv",
+            "client_id,at\n1,2020-08-01\nabc,2020-08-01\n",
+            "key column `client_id`: row 2",
+        ),
+        (
+            "bad_time.csv",
+            "client_id,at\n1,yesterday\n",
+            "time column `at`",
+        ),
+    ] {
+        let file = p.dir.join(name);
+        std::fs::write(&file, csv).unwrap();
+        let out = pipeline_bin()
+            .arg("training-set")
+            .arg(&p.file)
+            .args([
+                "--spine",
+                file.to_str().unwrap(),
+                "--key",
+                "client_id",
+                "--time",
+                "at",
+            ])
+            .args(["--out", p.dir.join("out.parquet").to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(name) && stderr.contains(want),
+            "{name}: {stderr}"
+        );
+        assert!(!p.dir.join("out.parquet").exists());
+    }
+}
