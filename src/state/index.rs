@@ -105,6 +105,41 @@ impl Indexes {
         }
     }
 
+    /// Moves the row with primary key `pk` from slot `old` to `slot`, indexing row `row`
+    /// of `image` there: only the values that changed move between postings (an update
+    /// rarely changes the columns rows are looked up by).
+    pub(crate) fn replace(
+        &mut self,
+        old: u32,
+        slot: u32,
+        pk: &Key,
+        image: &[ArrayRef],
+        row: usize,
+        slots: usize,
+    ) {
+        if self.values.len() < slots * self.stride {
+            self.values.resize(slots * self.stride, Key::Null);
+        }
+        let (from, to) = (old as usize * self.stride, slot as usize * self.stride);
+        for (j, &c) in self.columns.iter().enumerate() {
+            let (Some(map), Some(k)) = (&mut self.maps[j], self.stored_at[j]) else {
+                continue;
+            };
+            let v = key_at(&image[c], row);
+            let was = std::mem::replace(&mut self.values[from + k], Key::Null);
+            if was != v {
+                if let Some(pks) = map.get_mut(&was) {
+                    pks.retain(|p| p != pk);
+                    if pks.is_empty() {
+                        map.remove(&was);
+                    }
+                }
+                map.entry(v.clone()).or_default().push(pk.clone());
+            }
+            self.values[to + k] = v;
+        }
+    }
+
     /// Forgets the row at `slot` with primary key `pk`.
     pub(crate) fn remove(&mut self, slot: u32, pk: &Key) {
         let at = slot as usize * self.stride;

@@ -204,11 +204,15 @@ impl StateTable {
                     if pk == Key::Null || matches!(&pk, Key::Tuple(t) if t.contains(&Key::Null)) {
                         return Err(StateError::NullKey(self.name.clone()));
                     }
-                    self.remove(&pk);
                     let slot = self.store.insert(rows.row(i).as_ref());
-                    self.indexes
-                        .insert(slot, &pk, &image, i, self.store.slots());
-                    self.rows.insert(pk, slot);
+                    let slots = self.store.slots();
+                    match self.rows.insert(pk.clone(), slot) {
+                        Some(old) => {
+                            self.indexes.replace(old, slot, &pk, &image, i, slots);
+                            self.store.remove(old);
+                        }
+                        None => self.indexes.insert(slot, &pk, &image, i, slots),
+                    }
                 }
                 Op::Delete => self.remove(&pk),
                 Op::Truncate => {
