@@ -82,11 +82,14 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
         })
         .and_then(|digits| digits.parse().ok())
         .unwrap_or_else(|| panic!("no version in _last_checkpoint: {last_checkpoint}"));
-    assert!(
-        checkpoint_version >= 40,
-        "checkpoints every 10 commits, the last one at version 40 or later: {last_checkpoint}"
-    );
     let table = lake.existing_table(&t()).await.unwrap();
+    // Every 10 commits counted from the last checkpoint, at the version the maintainer
+    // sees when it gets there (later than a multiple of 10 when it lags under load).
+    let last = table.version().unwrap();
+    assert!(
+        checkpoint_version + 10 > last && checkpoint_version >= 30,
+        "checkpoints every 10 commits, the last within 10 of version {last}: {last_checkpoint}"
+    );
     // 40 one-row files compacted into one, plus the few appended after the plan.
     assert!(
         active_files(&table) <= 10,
