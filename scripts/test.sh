@@ -10,6 +10,15 @@ step() { printf '\n== %s\n' "$*"; }
 bash scripts/setup-postgres.sh
 bash scripts/setup-s3.sh
 
+step "deploy manifests (offline: kubernetes-validate, structural checks)"
+deploy_venv=${DEPLOY_VENV:-$HOME/.cache/pipeline-deploy-venv}
+[ -x "$deploy_venv/bin/python" ] || python3 -m venv "$deploy_venv"
+"$deploy_venv/bin/pip" install -q -r deploy/requirements.txt
+manifests=$(ls deploy/k8s/*.yaml | grep -v kustomization.yaml)
+# shellcheck disable=SC2086
+"$deploy_venv/bin/kubernetes-validate" --strict --quiet $manifests
+"$deploy_venv/bin/python" deploy/k8s/check_manifests.py
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy"
