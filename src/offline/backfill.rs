@@ -375,17 +375,8 @@ async fn served_check(
         .first()
         .is_some_and(|b| b.column(0).data_type().is_integer());
     let ctx = crate::runner::session_over(Some(table), &path, "d").await?;
-    let read = |e: datafusion::error::DataFusionError| OfflineError::Read {
-        table: path.clone(),
-        source: Box::new(e),
-    };
-    let batches = ctx
-        .sql("SELECT request, features, features_lsn FROM d")
-        .await
-        .map_err(read)?
-        .collect()
-        .await
-        .map_err(read)?;
+    let batches =
+        super::collect_sql(&ctx, "SELECT request, features, features_lsn FROM d", &path).await?;
     let mut served = Vec::new();
     for b in batches {
         let text = |c: usize| arrow::compute::cast(b.column(c), &arrow::datatypes::DataType::Utf8);
@@ -501,17 +492,7 @@ async fn count_changes(
             from.as_i64(),
             until.as_i64()
         );
-        let read = |e: datafusion::error::DataFusionError| OfflineError::Read {
-            table: path.clone(),
-            source: Box::new(e),
-        };
-        let batches = ctx
-            .sql(&sql)
-            .await
-            .map_err(read)?
-            .collect()
-            .await
-            .map_err(read)?;
+        let batches = super::collect_sql(&ctx, &sql, &path).await?;
         if let Some(b) = batches.iter().find(|b| b.num_rows() > 0) {
             let c = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Int64)?;
             use arrow::array::AsArray;
@@ -530,17 +511,7 @@ async fn read_stream_rows(
 ) -> Result<Vec<RecordBatch>, OfflineError> {
     let path = LakeTable::features(name);
     let ctx = crate::runner::session_over(Some(table.clone()), &path, "f").await?;
-    let read = |e: datafusion::error::DataFusionError| OfflineError::Read {
-        table: path.clone(),
-        source: Box::new(e),
-    };
-    let batches = ctx
-        .sql("SELECT * FROM f")
-        .await
-        .map_err(read)?
-        .collect()
-        .await
-        .map_err(read)?;
+    let batches = super::collect_sql(&ctx, "SELECT * FROM f", &path).await?;
     let mut out = Vec::with_capacity(batches.len());
     for b in batches {
         let mut fields = Vec::new();

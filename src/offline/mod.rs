@@ -276,3 +276,21 @@ fn feature_file<'p>(
             }),
     }
 }
+
+/// The rows of `sql` over a session on the lake table `table`; errors name the table.
+pub(crate) async fn collect_sql(
+    ctx: &datafusion::prelude::SessionContext,
+    sql: &str,
+    table: &LakeTable,
+) -> Result<Vec<arrow::array::RecordBatch>, OfflineError> {
+    let read = |e: datafusion::error::DataFusionError| OfflineError::Read {
+        table: table.clone(),
+        source: Box::new(e),
+    };
+    ctx.sql(sql)
+        .await
+        .map_err(read)?
+        .collect()
+        .await
+        .map_err(read)
+}

@@ -174,7 +174,7 @@ async fn snapshot_time(input: &ReplayInput<'_>) -> Result<i64, OfflineError> {
             ts = quote_ident(COMMIT_TS),
             lsn = quote_ident(LSN),
         );
-        let batches = run_sql(&ctx, &sql, &path).await?;
+        let batches = super::collect_sql(&ctx, &sql, &path).await?;
         for b in batches.iter().filter(|b| b.num_rows() > 0) {
             let c = arrow::compute::cast(
                 b.column(0),
@@ -190,23 +190,6 @@ async fn snapshot_time(input: &ReplayInput<'_>) -> Result<i64, OfflineError> {
         }
     }
     Ok(newest)
-}
-
-async fn run_sql(
-    ctx: &datafusion::prelude::SessionContext,
-    sql: &str,
-    table: &LakeTable,
-) -> Result<Vec<RecordBatch>, OfflineError> {
-    let read = |e: datafusion::error::DataFusionError| OfflineError::Read {
-        table: table.clone(),
-        source: Box::new(e),
-    };
-    ctx.sql(sql)
-        .await
-        .map_err(read)?
-        .collect()
-        .await
-        .map_err(read)
 }
 
 /// Transactions grouped for one query per feature file.

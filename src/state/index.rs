@@ -128,12 +128,7 @@ impl Indexes {
             let v = key_at(&image[c], row);
             let was = std::mem::replace(&mut self.values[from + k], Key::Null);
             if was != v {
-                if let Some(pks) = map.get_mut(&was) {
-                    pks.retain(|p| p != pk);
-                    if pks.is_empty() {
-                        map.remove(&was);
-                    }
-                }
+                unpost(map, &was, pk);
                 map.entry(v.clone()).or_default().push(pk.clone());
             }
             self.values[to + k] = v;
@@ -148,17 +143,21 @@ impl Indexes {
                 continue;
             };
             let v = std::mem::replace(&mut self.values[at + k], Key::Null);
-            if let Some(pks) = map.get_mut(&v) {
-                pks.retain(|k| k != pk);
-                if pks.is_empty() {
-                    map.remove(&v);
-                }
-            }
+            unpost(map, &v, pk);
         }
     }
 
     pub(crate) fn clear(&mut self) {
         self.values.clear();
         self.maps.iter_mut().flatten().for_each(HashMap::clear);
+    }
+}
+/// Takes `pk` out of the posting list of `value`, dropping the list once empty.
+fn unpost(map: &mut HashMap<Key, Postings>, value: &Key, pk: &Key) {
+    if let Some(pks) = map.get_mut(value) {
+        pks.retain(|p| p != pk);
+        if pks.is_empty() {
+            map.remove(value);
+        }
     }
 }
