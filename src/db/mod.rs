@@ -81,7 +81,7 @@ pub(crate) async fn restore(info: &ConnInfo, dump: &Path, clean: bool) -> Result
     };
     prepare_database(info, clean).await?;
     let started = std::time::Instant::now();
-    let url = &info.url;
+    let url = &info.libpq_url();
     let (tool, mut cmd) = if head == b"PGDMP" {
         let mut c = Command::new("pg_restore");
         c.args([

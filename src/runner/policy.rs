@@ -19,6 +19,8 @@ pub enum Action {
     Fatal,
 }
 
+const TLS: &str = "fix source.url's sslmode/sslrootcert/sslcert/sslkey, or the server's \
+                   certificate (docs/operations.md, TLS)";
 const RESNAPSHOT: &str = "rebuild the lake with `pipeline resnapshot <pipeline.yaml>`";
 
 /// How the runner treats `error`.
@@ -65,6 +67,11 @@ fn source(e: &SourceError) -> Action {
             Some(db) if e.is_closed() || transient_sqlstate(db.code().code()) => Action::Retry,
             Some(_) => Action::Fatal,
         },
+        SourceError::Tls { .. }
+        | SourceError::Replication {
+            source: pgwire_replication::PgWireError::Tls(_),
+            ..
+        } => operator(TLS),
         SourceError::Replication { sqlstate, source } => match source {
             pgwire_replication::PgWireError::Io(_) | pgwire_replication::PgWireError::Task(_) => {
                 Action::Retry

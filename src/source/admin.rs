@@ -254,6 +254,7 @@ pub fn replication_config(
         publication.to_string(),
     )
     .with_port(conn.port)
+    .with_tls(conn.tls.replication())
     .with_options(SESSION_OPTIONS)
     .with_application_name(application.to_string())
     .with_status_interval(Duration::from_millis(100))

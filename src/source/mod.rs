@@ -9,6 +9,7 @@ pub mod pgoutput;
 mod snapshot;
 mod stream;
 pub mod text;
+pub mod tls;
 
 pub use admin::{
     check_slot_health, check_wal_level, drop_slot, emit_fence, emit_wait_fence, ensure_publication,
@@ -25,14 +26,22 @@ use crate::config::TableName;
 pub enum SourceError {
     #[error("invalid source url: {0}")]
     Url(String),
-    #[error("cannot connect to Postgres at {target} after {attempts} attempts: {source}")]
+    // tokio-postgres prints only its error's kind ("db error"), so these show the whole
+    // chain themselves and are no error's `source` (which would print it twice).
+    #[error(
+        "cannot connect to Postgres at {target} after {attempts} attempts: {}",
+        connect::chain(.error)
+    )]
     Connect {
         target: String,
         attempts: u32,
-        source: tokio_postgres::Error,
+        error: tokio_postgres::Error,
     },
-    #[error("postgres: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    /// TLS could not be set up or the handshake failed: a retry fails the same way.
+    #[error("TLS to Postgres at {target}: {message}")]
+    Tls { target: String, message: String },
+    #[error("postgres: {}", connect::chain(.0))]
+    Postgres(tokio_postgres::Error),
     #[error("replication connection: {source}")]
     Replication {
         /// The server's SQLSTATE, when the server refused something.
@@ -69,6 +78,12 @@ pub enum SourceError {
     Snapshot { table: TableName, message: String },
     #[error("snapshot copy task failed: {0}")]
     SnapshotTask(String),
+}
+
+impl From<tokio_postgres::Error> for SourceError {
+    fn from(e: tokio_postgres::Error) -> SourceError {
+        SourceError::Postgres(e)
+    }
 }
 
 impl From<pgwire_replication::PgWireError> for SourceError {

@@ -14,6 +14,7 @@ mod schema;
 mod serve;
 mod source_faults;
 mod support;
+mod tls;
 mod training;
 
 use std::process::Command;

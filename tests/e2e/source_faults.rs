@@ -104,6 +104,16 @@ impl PrivatePostgres {
         pg
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Replaces `pg_hba.conf` and reloads the server.
+    pub fn set_hba(&self, hba: &str) {
+        std::fs::write(self.dir.path().join("data/pg_hba.conf"), hba).unwrap();
+        self.ctl(&["reload"]);
+    }
+
     fn ctl(&self, args: &[&str]) {
         let mut c = pg_command(&self.bin, "pg_ctl");
         c.arg("-D")

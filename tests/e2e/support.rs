@@ -45,12 +45,17 @@ pub async fn seeded_db_at(
     db: &str,
     users: usize,
 ) -> (ConnInfo, tokio_postgres::Client) {
-    let info = ConnInfo::parse(&format!("{base}/{db}")).unwrap();
+    // `base` may carry URL parameters (`?sslmode=…`): they go after the database.
+    let url = match base.split_once('?') {
+        Some((server, params)) => format!("{server}/{db}?{params}"),
+        None => format!("{base}/{db}"),
+    };
+    let info = ConnInfo::parse(&url).unwrap();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .args(["db", "seed", "--clean", "--seed", "7", "--users"])
         .arg(users.to_string())
         .arg("--url")
-        .arg(&info.url)
+        .arg(info.libpq_url())
         .env("RUST_LOG", "warn")
         .output()
         .await
@@ -96,8 +101,11 @@ pub fn pipeline_file_with_lake(
     let (url, options) =
         lake.unwrap_or_else(|| (dir.join("lake").display().to_string(), BTreeMap::new()));
     let slot = format!("t_{name}");
-    let mut source =
-        SourceConfig::new(&info.url, format!("p_{name}"), &["user", "loan", "payment"]);
+    let mut source = SourceConfig::new(
+        info.libpq_url(),
+        format!("p_{name}"),
+        &["user", "loan", "payment"],
+    );
     source.slot = Some(slot.clone());
     let mut lake_config = LakeConfig::new(&url);
     lake_config.storage_options = options.clone();
