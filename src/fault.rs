@@ -8,7 +8,9 @@
 //! - `large_txn_piece`: aborts after a piece of a large transaction was applied to state
 //!   and written ahead, before the transaction's commit;
 //! - `lost_commit_reply`: a Delta commit entry is written, then the write reports an
-//!   error, as when an S3 reply is lost on the way back.
+//!   error, as when an S3 reply is lost on the way back;
+//! - `before_checkpoint_commit`: aborts while a state checkpoint is being written (its
+//!   rows computed, its Delta commit not yet made).
 //!
 //! Unset (production), a check costs one load of a cached `None`, and lake tables are
 //! opened exactly as without this module.

@@ -28,7 +28,8 @@ pub const TABLE_COMMIT_STEP_SECONDS: &str = "pipeline_table_commit_step_seconds"
 pub const OBJECT_STORE_SECONDS: &str = "pipeline_object_store_seconds";
 /// Making a commit's files durable on a local lake (fsync).
 pub const LAKE_DURABLE_SECONDS: &str = "pipeline_lake_durable_seconds";
-/// One maintenance task on one table (`task` = `compact`, `checkpoint`, `vacuum`).
+/// One maintenance task on one table (`task` = `compact`, `checkpoint`,
+/// `vacuum`, `state_checkpoint` for all tables at once).
 pub const MAINTENANCE_SECONDS: &str = "pipeline_maintenance_seconds";
 /// Small files removed by compactions folded into appends.
 pub const COMPACTED_FILES: &str = "pipeline_compacted_files_total";

@@ -30,6 +30,11 @@ pub struct MaintenanceConfig {
     /// window slows every read of a table fed every 200 ms. Vacuum does not need them (it
     /// lists the files). Set on each table as `delta.deletedFileRetentionDuration`.
     pub tombstone_retention_minutes: u64,
+    /// Write a state checkpoint (each table's newest row per key, which a restart reads
+    /// instead of the whole history) after this many changes (0 = never).
+    pub state_checkpoint_every_changes: u64,
+    /// ... or after this many minutes with any change (0 = only by changes).
+    pub state_checkpoint_every_minutes: u64,
 }
 
 impl Default for MaintenanceConfig {
@@ -43,6 +48,8 @@ impl Default for MaintenanceConfig {
             vacuum_retention_hours: 168,
             log_retention_minutes: 10,
             tombstone_retention_minutes: 10,
+            state_checkpoint_every_changes: 200_000,
+            state_checkpoint_every_minutes: 10,
         }
     }
 }

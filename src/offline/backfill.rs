@@ -222,6 +222,9 @@ pub async fn backfill(
             restore_mark(&lake, previous_mark.as_deref()).await?;
             return Err(e);
         }
+        // Their state checkpoints hold the old history's newest rows.
+        let tables: Vec<LakeTable> = rebuilt.iter().map(LakeTable::features).collect();
+        crate::sink::checkpoint::invalidate(&lake, &tables).await?;
     }
     tracing::info!(tables = ?rebuilt, %snapshot, %until, verify = req.verify, write, "backfill");
 

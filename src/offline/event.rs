@@ -60,6 +60,7 @@ pub(crate) async fn recompute(
     let started = std::time::Instant::now();
     let rows = crate::runner::rebuild_state(
         &engine,
+        None,
         &|p| raw.get(p).cloned(),
         &prepared.schemas,
         bound.unwrap_or(Lsn::from_i64(i64::MAX)),

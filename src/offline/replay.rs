@@ -85,6 +85,7 @@ pub(crate) async fn replay(
     // The snapshot: state as it was loaded, every entity computed, as the stream did.
     crate::runner::rebuild_state(
         engine,
+        None,
         &|p| input.raw.get(p).cloned(),
         input.schemas,
         input.snapshot,

@@ -123,6 +123,7 @@ pub(crate) fn sink(e: &SinkError) -> Action {
             ) || store_unreachable(source)
         }
         SinkError::Open { source, .. } => store_unreachable(source),
+        SinkError::Read { source, .. } => store_unreachable(source),
         SinkError::Store { .. } | SinkError::Sync { .. } => true,
         SinkError::Schema { .. } => {
             return Action::Operator {

@@ -8,6 +8,7 @@ use crate::changelog::Lsn;
 use crate::config::Pipeline;
 use crate::features::FeatureEngine;
 use crate::serve::{Online, Phase};
+use crate::sink::checkpoint::{self, CheckpointSpec, Checkpointer, Durable};
 use crate::sink::{DeltaSink, Destination, Lake, LakeTable, Maintainer, Mark, TableSpec};
 use crate::source::{self, ChangeStream, ConnInfo, SourceError, TableSchema};
 use pgwire_replication::ReplicationClient;
@@ -102,6 +103,24 @@ impl<'a> Stages<'a> {
         Ok(sink)
     }
 
+    /// What the state checkpoints cover: every raw table by its primary key, every
+    /// feature table by its entity key (its first column).
+    pub(crate) fn checkpoint_specs(&self) -> Vec<CheckpointSpec> {
+        let raw = self.schemas.iter().map(|s| CheckpointSpec {
+            table: LakeTable::raw_of(&s.name),
+            keys: s.key.iter().map(|&k| s.columns[k].name.clone()).collect(),
+        });
+        let features = self
+            .engine
+            .output_schemas()
+            .into_iter()
+            .map(|(name, schema)| CheckpointSpec {
+                table: LakeTable::features(name),
+                keys: vec![schema.field(0).name().clone()],
+            });
+        raw.chain(features).collect()
+    }
+
     /// The replication connection, not yet streaming.
     pub(crate) async fn replication(&self) -> Result<ReplicationClient, RunError> {
         let src = &self.pipeline.config.source;
@@ -135,6 +154,13 @@ impl<'a> Stages<'a> {
         if drop_slot {
             source::drop_slot(&self.client, &self.slot).await?;
         }
+        // Checkpoints of the tables the snapshot replaces would be stale.
+        let tables: Vec<LakeTable> = self
+            .checkpoint_specs()
+            .into_iter()
+            .map(|s| s.table)
+            .collect();
+        checkpoint::invalidate(&self.lake, &tables).await?;
         let snap =
             source::create_slot_with_snapshot(repl, &self.slot, &self.conn, &self.schemas).await?;
         let lsn = snap.consistent_lsn;
@@ -169,6 +195,7 @@ impl<'a> Stages<'a> {
         self.begin_online(Phase::Rebuilding);
         let rows = rebuild::rebuild_state(
             &self.engine,
+            Some(&self.lake),
             &|p| sink.table(p).cloned(),
             &self.schemas,
             rebuild_to,
@@ -178,7 +205,8 @@ impl<'a> Stages<'a> {
             resume_at = %rebuild_to, "state rebuilt from the lake; resuming from the slot");
         if let Some(online) = &self.online {
             let started = Instant::now();
-            let entities = rebuild::rebuild_online(&self.engine, sink, online).await?;
+            let entities =
+                rebuild::rebuild_online(&self.engine, &self.lake, sink, online, rebuild_to).await?;
             online.ready(skip_through);
             tracing::info!(entities, elapsed_ms = started.elapsed().as_millis() as u64,
                 watermark = %skip_through, "online features loaded from the lake");
@@ -223,6 +251,16 @@ impl<'a> Stages<'a> {
         let (work_tx, work_rx) = mpsc::channel::<Queued>(WORKS_AHEAD);
         let ahead = Arc::new(Semaphore::new(COMPUTED_AHEAD * batch.max_rows));
         let (ack_tx, ack_rx) = watch::channel(skip_through);
+        let (durable_tx, durable_rx) = watch::channel(Durable {
+            lsn: skip_through,
+            changes: 0,
+        });
+        Checkpointer::spawn(
+            self.lake.clone(),
+            self.checkpoint_specs(),
+            self.pipeline.config.lake.maintenance.clone(),
+            durable_rx,
+        );
         let batcher = batch::run(
             stream,
             self.schemas.clone(),
@@ -232,7 +270,12 @@ impl<'a> Stages<'a> {
             run_cancel.clone(),
         );
         let batcher = tokio::spawn(batcher);
-        let committer = tokio::spawn(commit_loop(Committer::new(sink), work_rx, ack_tx));
+        let committer = tokio::spawn(commit_loop(
+            Committer::new(sink),
+            work_rx,
+            ack_tx,
+            durable_tx,
+        ));
         if let Some(online) = &self.online {
             let conn = self.conn.clone();
             tokio::spawn(fence::run(conn, online.clone(), run_cancel.clone()));
@@ -310,13 +353,15 @@ type Queued = (Work, OwnedSemaphorePermit);
 /// for the acknowledgement. What queued up behind a commit is merged into one group
 /// commit, so that one commit per table carries many batches when they come faster than
 /// a commit takes. Returns the batches committed and the last LSN; dropping `durable` on
-/// return tells the batcher to finish.
+/// return tells the batcher to finish. `progress` follows it with the changes committed,
+/// for the state checkpoints.
 async fn commit_loop<D: Destination + Send + Sync>(
     mut committer: Committer<D>,
     mut works: mpsc::Receiver<Queued>,
     durable: watch::Sender<Lsn>,
+    progress: watch::Sender<Durable>,
 ) -> Result<(usize, Lsn), RunError> {
-    let (mut batches, mut last) = (0, Lsn::ZERO);
+    let (mut batches, mut last, mut changes) = (0, Lsn::ZERO, 0u64);
     let mut held: Option<Queued> = None;
     loop {
         let next = match held.take() {
@@ -358,6 +403,8 @@ async fn commit_loop<D: Destination + Send + Sync>(
         last = lsn;
         metrics::gauge!(crate::metrics::DURABLE_LSN).set(lsn.as_u64() as f64);
         let Some(b) = info else { continue };
+        changes += b.rows as u64;
+        let _ = progress.send(Durable { lsn, changes });
         batches += b.batches;
         metrics::counter!(crate::metrics::BATCHES).increment(b.batches as u64);
         metrics::histogram!(crate::metrics::BATCH_ROWS).record(b.rows as f64);

@@ -5,6 +5,7 @@
 //! <root>/features/<name>/    a feature file's output (Delta)
 //! <root>/decisions/<name>/   a decisions file's audit trail (Delta)
 //! <root>/_pipeline/<mark>    the pipeline's own marks (e.g. a resnapshot in progress)
+//! <root>/_state/<table path> a table's state checkpoint (Delta; newest row per key)
 //! ```
 
 use std::fmt;
@@ -26,6 +27,8 @@ pub enum TableKind {
     Features,
     /// Every decision served by a decisions file (`decisions/<name>`).
     Decisions,
+    /// A state checkpoint of another table (`_state/<its path>`).
+    Checkpoint,
 }
 
 impl LakeTable {
@@ -59,6 +62,14 @@ impl LakeTable {
         }
     }
 
+    /// The state checkpoint of `table` ([`super::checkpoint`]).
+    pub fn checkpoint_of(table: &LakeTable) -> LakeTable {
+        LakeTable {
+            kind: TableKind::Checkpoint,
+            name: table.path().into(),
+        }
+    }
+
     pub fn kind(&self) -> TableKind {
         self.kind
     }
@@ -74,6 +85,7 @@ impl LakeTable {
             TableKind::Raw => format!("raw/{}", self.name),
             TableKind::Features => format!("features/{}", self.name),
             TableKind::Decisions => format!("decisions/{}", self.name),
+            TableKind::Checkpoint => format!("_state/{}", self.name),
         }
     }
 
@@ -139,6 +151,10 @@ mod tests {
         );
         assert!(LakeTable::raw("user").is_raw() && !LakeTable::features("f").is_raw());
         assert_eq!(LakeTable::decisions("loan").path(), "decisions/loan");
+        assert_eq!(
+            LakeTable::checkpoint_of(&LakeTable::raw("loan")).path(),
+            "_state/raw/loan"
+        );
         assert_eq!(
             Mark::ResnapshotInProgress.path(),
             "_pipeline/resnapshot-in-progress"

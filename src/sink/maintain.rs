@@ -100,7 +100,7 @@ const NICE: i32 = 5;
 
 /// Lowers the calling thread's priority to [`NICE`] (on Linux the nice value is a
 /// thread's own; the threads it starts inherit it).
-fn lower_priority() {
+pub(super) fn lower_priority() {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: setpriority only reads its arguments; 0 names the calling thread.

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 mod append;
+pub mod checkpoint;
 mod compact;
 mod delta;
 mod lake;
@@ -224,6 +225,11 @@ pub enum SinkError {
         path: String,
         source: deltalake::ObjectStoreError,
     },
+    #[error("delta table {table}: reading it: {source}")]
+    Read {
+        table: LakeTable,
+        source: datafusion::error::DataFusionError,
+    },
     #[error("local lake {path}: could not flush commits to disk: {source}")]
     Sync {
         path: String,
@@ -235,7 +241,9 @@ impl SinkError {
     /// The lake table the error is about, if it is about one.
     pub fn table(&self) -> Option<&LakeTable> {
         match self {
-            SinkError::Delta { table, .. } | SinkError::Schema { table, .. } => Some(table),
+            SinkError::Delta { table, .. }
+            | SinkError::Schema { table, .. }
+            | SinkError::Read { table, .. } => Some(table),
             SinkError::Unknown(t) => Some(t),
             SinkError::Missing(_)
             | SinkError::Url { .. }

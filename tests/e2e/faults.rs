@@ -306,6 +306,9 @@ async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
 
     let (info, client) = audited_db("pt_kill").await;
     let mut p = pipeline_file(&info, "kill", Some(AS_OF));
+    // State checkpoints every few hundred changes, so that kills land in them too and
+    // restarts rebuild from them.
+    p.update(|c| c.lake.maintenance.state_checkpoint_every_changes = 300);
     // FAULT_MAX_ROWS: a small batch size sends most transactions through the pieces of
     // large transactions (e.g. 3).
     if let Ok(max_rows) = std::env::var("FAULT_MAX_ROWS") {

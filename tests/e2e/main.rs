@@ -5,6 +5,7 @@
 #![allow(unreachable_pub)]
 
 mod backfill;
+mod checkpoint;
 mod decide;
 mod faults;
 mod large_txn;

@@ -30,6 +30,7 @@ async fn background_maintenance_compacts_checkpoints_and_keeps_every_row() {
         // checkpoints keep no tombstone.
         log_retention_minutes: 0,
         tombstone_retention_minutes: 0,
+        ..MaintenanceConfig::default()
     };
     let (maintainer, task) = Maintainer::spawn(lake.clone(), config.clone());
     let mut sink = DeltaSink::open_with(

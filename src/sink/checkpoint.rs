@@ -1,0 +1,412 @@
+//! State checkpoints: each raw and feature table's newest row per key, as of an LSN, kept
+//! as a Delta table of its own beside the lake (`_state/raw/<table>`,
+//! `_state/features/<name>`), so that a restart reads the checkpoint plus the changes after
+//! it instead of the whole history.
+//!
+//! A checkpoint at `C` holds, per key, the row with the highest (`_lsn`, `_seq`) among
+//! the table's rows with `_lsn < C` (after the last truncate, deletes and tombstones left
+//! out); its commit carries `txn(pipeline/state-checkpoint, C)`, so it is all there or not
+//! at all. Rows below the durable LSN are in every table for good (each batch's tables
+//! commit before its LSN is acknowledged), so a checkpoint is built from the lake alone:
+//! the previous checkpoint plus the rows in [previous `C`, `C`). The [`Checkpointer`] does
+//! that on a thread of its own, never in a batch's way.
+
+use super::{Lake, LakeTable, SinkError};
+use crate::changelog::{Lsn, Op, LSN, OP, SEQ};
+use crate::config::{quote_ident, MaintenanceConfig, DELETED};
+use arrow::array::{AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use datafusion::prelude::SessionContext;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::Transaction;
+use deltalake::protocol::SaveMode;
+use deltalake::DeltaTable;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// The `txn` app id whose version is a checkpoint's LSN.
+const APP_ID: &str = "pipeline/state-checkpoint";
+
+/// What makes a row the newest of its key in one lake table.
+#[derive(Debug, Clone)]
+pub struct CheckpointSpec {
+    pub table: LakeTable,
+    /// The key columns (a raw table's primary key, a feature table's entity key).
+    pub keys: Vec<String>,
+}
+
+impl CheckpointSpec {
+    fn is_raw(&self) -> bool {
+        self.table.is_raw()
+    }
+
+    /// Columns ordering a key's rows, newest first.
+    fn newest_first(&self) -> String {
+        match self.is_raw() {
+            true => format!("{} DESC, {} DESC", quote_ident(LSN), quote_ident(SEQ)),
+            false => format!("{} DESC", quote_ident(LSN)),
+        }
+    }
+
+    /// Rows that are no row: deletes in a raw table, tombstones in a feature table.
+    fn gone(&self) -> String {
+        match self.is_raw() {
+            true => format!("{} = '{}'", quote_ident(OP), Op::Delete.as_str()),
+            false => format!("{} IS TRUE", quote_ident(DELETED)),
+        }
+    }
+}
+
+/// A checkpoint read back: its table (to scan) and its LSN.
+pub struct Checkpoint {
+    pub table: DeltaTable,
+    pub lsn: Lsn,
+}
+
+/// The newest checkpoint of `table`, if there is one.
+pub async fn read(lake: &Lake, table: &LakeTable) -> Result<Option<Checkpoint>, SinkError> {
+    let path = LakeTable::checkpoint_of(table);
+    let ck = lake.table(&path).await?;
+    if ck.version().is_none() {
+        return Ok(None);
+    }
+    let lsn = txn_version(&path, &ck).await?;
+    Ok((lsn > Lsn::ZERO).then_some(Checkpoint { table: ck, lsn }))
+}
+
+async fn txn_version(path: &LakeTable, table: &DeltaTable) -> Result<Lsn, SinkError> {
+    let derr = |source| SinkError::Delta {
+        table: path.clone(),
+        source,
+    };
+    let v = table
+        .snapshot()
+        .map_err(derr)?
+        .transaction_version(table.log_store().as_ref(), APP_ID)
+        .await
+        .map_err(derr)?;
+    Ok(Lsn::from_i64(v.unwrap_or(0)))
+}
+
+/// Empties the checkpoints of `tables` in one commit each (rows deleted, LSN zero), before
+/// a snapshot or a backfill replaces the tables they were taken from: a stop in between
+/// leaves fewer checkpoints, never a stale one.
+pub async fn invalidate(lake: &Lake, tables: &[LakeTable]) -> Result<(), SinkError> {
+    for table in tables {
+        let path = LakeTable::checkpoint_of(table);
+        let ck = lake.table(&path).await?;
+        if ck.version().is_none() || txn_version(&path, &ck).await? == Lsn::ZERO {
+            continue;
+        }
+        let txn = Transaction::new(APP_ID, 0);
+        ck.delete()
+            .with_commit_properties(
+                CommitProperties::default().with_application_transactions(vec![txn]),
+            )
+            .await
+            .map_err(|source| SinkError::Delta {
+                table: path.clone(),
+                source,
+            })?;
+        lake.make_durable().await?;
+    }
+    Ok(())
+}
+
+/// How one checkpoint went.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub lsn: Lsn,
+    pub rows: usize,
+    /// Rows read after the previous checkpoint (all rows, without one).
+    pub changes: u64,
+    pub took: Duration,
+}
+
+/// Writes `spec`'s checkpoint at `upto` (every row below it is durable), from the
+/// previous checkpoint and the rows after it. `None`: the checkpoint is at `upto` already.
+pub async fn write(
+    lake: &Lake,
+    spec: &CheckpointSpec,
+    upto: Lsn,
+) -> Result<Option<Written>, SinkError> {
+    let started = Instant::now();
+    let path = LakeTable::checkpoint_of(&spec.table);
+    let read_err = |source| SinkError::Read {
+        table: spec.table.clone(),
+        source,
+    };
+    let src = lake.existing_table(&spec.table).await?;
+    let schema = arrow_schema(&spec.table, &src)?;
+    let prev = read(lake, &spec.table).await?;
+    let ctx = SessionContext::new();
+    register(&ctx, "src", &spec.table, &src).await?;
+    // The previous checkpoint counts if it is older and has the table's columns.
+    let mut from = Lsn::ZERO;
+    if let Some(p) = &prev {
+        if p.lsn >= upto {
+            return Ok(None);
+        }
+        if names(&arrow_schema(&path, &p.table)?) == names(&schema) {
+            register(&ctx, "prev", &path, &p.table).await?;
+            from = p.lsn;
+        }
+    }
+    let (lsn, seq, op) = (quote_ident(LSN), quote_ident(SEQ), quote_ident(OP));
+    let mut after_truncate = String::new();
+    if spec.is_raw() {
+        if let Some((l, s)) = last_truncate(&ctx, upto).await.map_err(read_err)? {
+            after_truncate = format!(" AND ({lsn} > {l} OR ({lsn} = {l} AND {seq} > {s}))");
+            // A truncate after the previous checkpoint makes all of it history.
+            if Lsn::from_i64(l) >= from {
+                from = Lsn::ZERO;
+            }
+        }
+    }
+    let mut range = format!("{lsn} >= {} AND {lsn} < {}", from.as_i64(), upto.as_i64());
+    if spec.is_raw() {
+        range.push_str(&format!(" AND {op} <> '{}'", Op::Truncate.as_str()));
+    }
+    range.push_str(&after_truncate);
+    let cols = schema
+        .fields()
+        .iter()
+        .map(|f| quote_ident(f.name()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let changes_sql = format!("SELECT {cols} FROM src WHERE {range}");
+    let changes = count(&ctx, &changes_sql).await.map_err(read_err)?;
+    let input = match from > Lsn::ZERO {
+        true => format!("SELECT {cols} FROM prev UNION ALL {changes_sql}"),
+        false => changes_sql,
+    };
+    let keys = spec
+        .keys
+        .iter()
+        .map(|k| quote_ident(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT {cols} FROM (SELECT {cols}, row_number() OVER (PARTITION BY {keys} ORDER BY {order}) \
+         AS __newest FROM ({input})) WHERE __newest = 1 AND NOT ({gone})",
+        order = spec.newest_first(),
+        gone = spec.gone(),
+    );
+    let batches: Vec<RecordBatch> = ctx
+        .sql(&sql)
+        .await
+        .map_err(read_err)?
+        .collect()
+        .await
+        .map_err(read_err)?;
+    let rows = batches.iter().map(RecordBatch::num_rows).sum();
+    crate::fault::crash_point("before_checkpoint_commit");
+    let derr = |source| SinkError::Delta {
+        table: path.clone(),
+        source,
+    };
+    let ck = lake.table(&path).await?;
+    let txn = Transaction::new(APP_ID, upto.as_i64());
+    let ck = ck
+        .write(batches)
+        .with_save_mode(SaveMode::Overwrite)
+        .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
+        .with_commit_properties(
+            CommitProperties::default().with_application_transactions(vec![txn]),
+        )
+        .await
+        .map_err(derr)?;
+    lake.make_durable().await?;
+    // Only this pipeline reads checkpoints, and only when it starts: the files of older
+    // ones can go at once.
+    let (ck, _) = ck
+        .vacuum()
+        .with_retention_period(chrono::Duration::zero())
+        .with_enforce_retention_duration(false)
+        .await
+        .map_err(derr)?;
+    // Each checkpoint adds a few commits (write, vacuum start and end): a Delta checkpoint
+    // now and then, and the commit files before it go, so the log stays short.
+    let version = ck.version().unwrap_or(0);
+    if version % 30 < 3 {
+        deltalake::checkpoints::create_checkpoint(&ck, None)
+            .await
+            .map_err(derr)?;
+        let cutoff = chrono::Utc::now().timestamp_millis() - 60_000;
+        deltalake::checkpoints::cleanup_expired_logs_for(
+            version,
+            ck.log_store().as_ref(),
+            cutoff,
+            None,
+        )
+        .await
+        .map_err(derr)?;
+    }
+    Ok(Some(Written {
+        lsn: upto,
+        rows,
+        changes,
+        took: started.elapsed(),
+    }))
+}
+
+fn names(schema: &SchemaRef) -> Vec<String> {
+    schema.fields().iter().map(|f| f.name().clone()).collect()
+}
+
+fn arrow_schema(path: &LakeTable, table: &DeltaTable) -> Result<SchemaRef, SinkError> {
+    Ok(table
+        .snapshot()
+        .map_err(|source| SinkError::Delta {
+            table: path.clone(),
+            source,
+        })?
+        .snapshot()
+        .arrow_schema())
+}
+
+async fn register(
+    ctx: &SessionContext,
+    alias: &str,
+    path: &LakeTable,
+    table: &DeltaTable,
+) -> Result<(), SinkError> {
+    let derr = |source| SinkError::Delta {
+        table: path.clone(),
+        source,
+    };
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(derr)?;
+    let read_err = |source| SinkError::Read {
+        table: path.clone(),
+        source,
+    };
+    let provider = table.table_provider().await.map_err(read_err)?;
+    ctx.register_table(alias, provider).map_err(read_err)?;
+    Ok(())
+}
+
+async fn count(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<u64> {
+    let b = ctx
+        .sql(&format!("SELECT count(*) FROM ({sql})"))
+        .await?
+        .collect()
+        .await?;
+    Ok(b.first()
+        .map_or(0, |b| b.column(0).as_primitive::<Int64Type>().value(0)) as u64)
+}
+
+/// `(_lsn, _seq)` of the last truncate in `src` below `upto`.
+async fn last_truncate(
+    ctx: &SessionContext,
+    upto: Lsn,
+) -> datafusion::error::Result<Option<(i64, i64)>> {
+    let (lsn, seq, op) = (quote_ident(LSN), quote_ident(SEQ), quote_ident(OP));
+    let batches = ctx
+        .sql(&format!(
+            "SELECT {lsn}, {seq} FROM src WHERE {op} = '{}' AND {lsn} < {} \
+             ORDER BY {lsn} DESC, {seq} DESC LIMIT 1",
+            Op::Truncate.as_str(),
+            upto.as_i64()
+        ))
+        .await?
+        .collect()
+        .await?;
+    let Some(b) = batches.iter().find(|b| b.num_rows() > 0) else {
+        return Ok(None);
+    };
+    let value = |c: usize| -> datafusion::error::Result<i64> {
+        let column = arrow::compute::cast(b.column(c), &DataType::Int64)?;
+        Ok(column.as_primitive::<Int64Type>().value(0))
+    };
+    Ok(Some((value(0)?, value(1)?)))
+}
+
+/// The durable point the committer reached: every row below `lsn` is in the lake, and
+/// `changes` rows were committed since the run started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Durable {
+    pub lsn: Lsn,
+    pub changes: u64,
+}
+
+/// Writes checkpoints in the background when enough changes (or time) passed since the
+/// last: on a thread and runtime of its own, at the maintainer's lower priority.
+pub struct Checkpointer;
+
+impl Checkpointer {
+    /// Starts it for `specs`; it follows `durable` and ends when the sender is dropped.
+    pub fn spawn(
+        lake: Lake,
+        specs: Vec<CheckpointSpec>,
+        config: MaintenanceConfig,
+        durable: watch::Receiver<Durable>,
+    ) {
+        if config.state_checkpoint_every_changes == 0 {
+            return;
+        }
+        let started = std::thread::Builder::new()
+            .name("checkpointer".into())
+            .spawn(move || {
+                super::maintain::lower_priority();
+                match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("checkpointer")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(run(lake, specs, config, durable)),
+                    Err(e) => tracing::warn!(error = %e, "no runtime for state checkpoints"),
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "could not start state checkpoints");
+        }
+    }
+}
+
+async fn run(
+    lake: Lake,
+    specs: Vec<CheckpointSpec>,
+    config: MaintenanceConfig,
+    mut durable: watch::Receiver<Durable>,
+) {
+    let every = config.state_checkpoint_every_changes;
+    let every_time = Duration::from_secs(config.state_checkpoint_every_minutes.saturating_mul(60));
+    let mut last = *durable.borrow();
+    let mut last_at = Instant::now();
+    while durable.changed().await.is_ok() {
+        let now = *durable.borrow();
+        let since = now.changes.saturating_sub(last.changes);
+        let timely = config.state_checkpoint_every_minutes > 0 && last_at.elapsed() >= every_time;
+        if since < every && !(timely && since > 0) {
+            continue;
+        }
+        let started = Instant::now();
+        let mut rows = 0;
+        let mut failed = false;
+        for spec in &specs {
+            match write(&lake, spec, now.lsn).await {
+                Ok(Some(w)) => {
+                    rows += w.rows;
+                    tracing::debug!(table = %spec.table, rows = w.rows, changes = w.changes,
+                        took_ms = w.took.as_millis() as u64, "table checkpointed");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // An optimisation: the next one may succeed; restarts just read more.
+                    tracing::warn!(table = %spec.table, error = %e, "state checkpoint failed");
+                    failed = true;
+                }
+            }
+        }
+        let took = started.elapsed();
+        metrics::histogram!(crate::metrics::MAINTENANCE_SECONDS, "task" => "state_checkpoint")
+            .record(took.as_secs_f64());
+        tracing::info!(lsn = %now.lsn, rows, changes_since = since, failed,
+            took_ms = took.as_millis() as u64, "state checkpoint written");
+        last = now;
+        last_at = Instant::now();
+    }
+}
