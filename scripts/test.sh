@@ -10,7 +10,7 @@ step() { printf '\n== %s\n' "$*"; }
 bash scripts/setup-postgres.sh
 bash scripts/setup-s3.sh
 
-step "deploy/ (offline: kubernetes-validate, terraform fmt, checkov, structural checks)"
+step "deploy/ (offline: kubernetes-validate, terraform fmt, checkov, structural checks, compose)"
 deploy_venv=${DEPLOY_VENV:-$HOME/.cache/pipeline-deploy-venv}
 [ -x "$deploy_venv/bin/python" ] || python3 -m venv "$deploy_venv"
 "$deploy_venv/bin/pip" install -q -r deploy/requirements.txt
@@ -21,6 +21,7 @@ manifests=$(ls deploy/k8s/*.yaml | grep -v kustomization.yaml)
 "$deploy_venv/bin/python" deploy/terraform/fmt_check.py
 "$deploy_venv/bin/checkov" -d deploy/terraform --framework terraform --skip-download --compact --quiet
 "$deploy_venv/bin/python" deploy/terraform/check_terraform.py
+"$deploy_venv/bin/python" deploy/check_compose.py
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
