@@ -36,6 +36,10 @@ for kind in ("requests", "limits"):
 check(pod.get("serviceAccountName") in {n for k, n in docs if k == "ServiceAccount"},
       "the pod's service account is defined")
 check(pod.get("terminationGracePeriodSeconds", 30) >= 30, "time to finish a batch on SIGTERM")
+secrets = [d for (k, _), d in docs.items() if k == "Secret"]
+for secret in secrets:
+    url = secret.get("stringData", {}).get("PG_URL", "")
+    check("sslmode=verify-full" in url, "the example PG_URL verifies the server (sslmode=verify-full)")
 pdb = docs[("PodDisruptionBudget", "loan-features")]
 check(pdb["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"],
       "the PDB selects the pipeline's pod")
