@@ -41,13 +41,7 @@ fn write_pipeline(dir: &Path, url: &str) -> PathBuf {
 }
 
 fn drop_slot(url: &str) {
-    psql(
-        url,
-        &format!(
-            "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots \
-             WHERE slot_name = '{SLOT}'"
-        ),
-    );
+    common::drop_slot(url, SLOT);
 }
 
 fn pipeline(args: &[&str], file: &Path) -> Command {

@@ -16,6 +16,8 @@
 //! Knobs: BENCH_RUNS (default 3), BENCH_CHANGES (default 200), BENCH_BACKLOG (changes,
 //! default 1,000,000), BENCH_COMMITS (default 10,000), BENCH_LARGE_TXN_ROWS (default
 //! 1,000,000), BENCH_COMPACT_EVERY (section 5's compaction interval); 0 skips a section.
+//! BENCH_SSLMODE sets the source URL's `sslmode`, BENCH_STATE_CHECKPOINT_EVERY the state
+//! checkpoint interval (0 = off).
 
 mod common;
 
@@ -34,7 +36,12 @@ fn write_pipeline(dir: &Path, url: &str, as_of: &str) -> PathBuf {
     write_pipeline_with_lake(dir, url, as_of, lake)
 }
 
-fn write_pipeline_with_lake(dir: &Path, url: &str, as_of: &str, lake: LakeConfig) -> PathBuf {
+fn write_pipeline_with_lake(dir: &Path, url: &str, as_of: &str, mut lake: LakeConfig) -> PathBuf {
+    // BENCH_STATE_CHECKPOINT_EVERY: state checkpoint interval in changes (0 = off).
+    if let Ok(n) = std::env::var("BENCH_STATE_CHECKPOINT_EVERY") {
+        lake.maintenance.state_checkpoint_every_changes =
+            n.parse().expect("BENCH_STATE_CHECKPOINT_EVERY: a number");
+    }
     let features = Path::new(env!("CARGO_MANIFEST_DIR")).join("feature_defs/client_features.yaml");
     let mut source = SourceConfig::new(url, "bench_pub", &["user", "loan", "payment"]);
     source.slot = Some("bench_slot".into());
@@ -46,16 +53,18 @@ fn write_pipeline_with_lake(dir: &Path, url: &str, as_of: &str, lake: LakeConfig
 }
 
 fn drop_slot(url: &str) {
-    psql(
-        url,
-        "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE slot_name = 'bench_slot'",
-    );
+    common::drop_slot(url, "bench_slot");
 }
 
 fn main() {
     let runs: usize = knob("BENCH_RUNS", 3);
     let changes: usize = knob("BENCH_CHANGES", 200);
-    let url = format!("{}/bench_dump", pg_base());
+    let mut url = format!("{}/bench_dump", pg_base());
+    // BENCH_SSLMODE: the source URL's sslmode (libpq's default `prefer` uses TLS when the
+    // server has it, as Debian's Postgres does).
+    if let Ok(mode) = std::env::var("BENCH_SSLMODE") {
+        url.push_str(&format!("?sslmode={mode}"));
+    }
 
     common::restore_dump(&url);
 

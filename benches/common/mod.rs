@@ -36,6 +36,17 @@ pub(crate) fn psql(url: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Drops the replication slot `slot` of `url`'s database if it exists.
+pub(crate) fn drop_slot(url: &str, slot: &str) {
+    psql(
+        url,
+        &format!(
+            "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots \
+             WHERE slot_name = '{slot}'"
+        ),
+    );
+}
+
 /// The `p` quantile (0..=1) of ascending `sorted`; NaN when empty.
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
