@@ -413,23 +413,7 @@ impl Checkpointer {
         if config.state_checkpoint_every_changes == 0 {
             return;
         }
-        let started = std::thread::Builder::new()
-            .name("checkpointer".into())
-            .spawn(move || {
-                super::maintain::lower_priority();
-                match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .thread_name("checkpointer")
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(run(lake, specs, config, durable)),
-                    Err(e) => tracing::warn!(error = %e, "no runtime for state checkpoints"),
-                }
-            });
-        if let Err(e) = started {
-            tracing::warn!(error = %e, "could not start state checkpoints");
-        }
+        super::maintain::background("checkpointer", move || run(lake, specs, config, durable));
     }
 }
 

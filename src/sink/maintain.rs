@@ -100,7 +100,7 @@ const NICE: i32 = 5;
 
 /// Lowers the calling thread's priority to [`NICE`] (on Linux the nice value is a
 /// thread's own; the threads it starts inherit it).
-pub(super) fn lower_priority() {
+fn lower_priority() {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: setpriority only reads its arguments; 0 names the calling thread.
@@ -109,6 +109,35 @@ pub(super) fn lower_priority() {
             tracing::debug!(error = %std::io::Error::last_os_error(),
                 "table maintenance keeps the pipeline's priority");
         }
+    }
+}
+
+/// Runs the future `make` returns on a thread of its own at [`NICE`], on a one-worker
+/// runtime (multi-thread, not current-thread: on a current-thread runtime delta-rs starts
+/// a background thread and runtime per engine it makes, whose connections die with it).
+/// For work that helps but is not needed (maintenance, state checkpoints): a failure to
+/// start it is logged, not returned.
+pub(super) fn background<F, Fut>(name: &'static str, make: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let started = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            lower_priority();
+            match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(name)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(make()),
+                Err(e) => tracing::warn!(error = %e, thread = name, "no runtime: not started"),
+            }
+        });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, thread = name, "could not start");
     }
 }
 
@@ -133,28 +162,11 @@ impl Maintainer {
         let folds = Folds::default();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let thread_folds = folds.clone();
-        let started = std::thread::Builder::new()
-            .name("maintainer".into())
-            .spawn(move || {
-                lower_priority();
-                // Multi-thread with one worker, not current-thread: on a current-thread
-                // runtime delta-rs starts a background thread (and runtime) per engine
-                // it makes, whose connections die with it.
-                match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .thread_name("maintainer")
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(run(lake, config, thread_folds, rx)),
-                    Err(e) => tracing::warn!(error = %e, "no runtime for table maintenance"),
-                }
-                let _ = done_tx.send(());
-            });
-        if let Err(e) = started {
-            // Maintenance is an optimisation: the appends go on without it.
-            tracing::warn!(error = %e, "could not start table maintenance");
-        }
+        // Maintenance is an optimisation: without its thread the appends go on.
+        background("maintainer", move || async move {
+            run(lake, config, thread_folds, rx).await;
+            let _ = done_tx.send(());
+        });
         let task = tokio::spawn(async move {
             let _ = done_rx.await;
         });
