@@ -200,17 +200,7 @@ async fn restarts_read_state_checkpoints_and_a_kill_while_writing_one_loses_noth
     assert_lake_equals_postgres(&p, &client, transactions).await;
 
     // A resnapshot replaces the tables: their checkpoints are emptied first.
-    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .arg("resnapshot")
-        .arg(&p.file)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&p, &["resnapshot"], "resnapshot");
     for t in [
         LakeTable::raw("loan"),
         LakeTable::features("client_features"),

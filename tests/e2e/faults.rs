@@ -164,8 +164,13 @@ pub(crate) fn run_and_kill(p: &TestPipeline, delay: Duration, log_path: &std::pa
 
 /// `pipeline run --once`, which must succeed.
 pub(crate) fn run_once(p: &TestPipeline, what: &str) {
+    run_ok(p, &["run", "--once"], what);
+}
+
+/// `pipeline <command…> <p's file>`, which must succeed.
+pub(crate) fn run_ok(p: &TestPipeline, command: &[&str], what: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["run", "--once"])
+        .args(command)
         .arg(&p.file)
         .env("RUST_LOG", "warn")
         .output()

@@ -263,17 +263,7 @@ async fn an_invalidated_slot_is_reported_and_resnapshot_rebuilds_the_lake() {
         "the error names the slot, the cause and the way out: {stderr}"
     );
 
-    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .arg("resnapshot")
-        .arg(&p.file)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "resnapshot: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&p, &["resnapshot"], "resnapshot");
     assert!(
         !p.dir.join("lake/_pipeline/resnapshot-in-progress").exists(),
         "the resnapshot mark is cleared once every table holds the snapshot"

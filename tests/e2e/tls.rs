@@ -3,6 +3,7 @@
 //! made here with `openssl`. The server refuses connections without TLS, so a pipeline
 //! that streams at all used TLS on its query and its replication connections.
 
+use crate::faults::run_once;
 use crate::source_faults::PrivatePostgres;
 use crate::support::*;
 use pipeline::source::{connect, ConnInfo};
@@ -119,17 +120,7 @@ async fn tls_modes_verify_the_server_and_fail_clearly() {
         .get(0);
     assert!(ssl);
     let p = pipeline_file(&info, "tls", Some(AS_OF));
-    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["run", "--once"])
-        .arg(&p.file)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_once(&p, "--once over verify-full");
     let want = oracle(&client, AS_OF).await;
     let got = latest_features(&p.lake).await;
     assert_eq!(got.len(), 300);
@@ -158,17 +149,7 @@ async fn tls_modes_verify_the_server_and_fail_clearly() {
     assert_eq!(who, "certuser");
     let mut p2 = pipeline_file(&info, "tls_cert", Some(AS_OF));
     p2.update(|c| c.source.url = with_cert.clone());
-    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["run", "--once"])
-        .arg(&p2.file)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_once(&p2, "--once with a client certificate");
     assert_eq!(latest_features(&p2.lake).await.len(), 300);
     let e = connect_error(&format!(
         "postgres://certuser@localhost:{port}/pt_tls?sslmode=verify-full&sslrootcert={ca}"
