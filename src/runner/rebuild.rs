@@ -5,15 +5,15 @@
 //! the changes since, not the whole history.
 
 use super::RunError;
-use crate::changelog::{self, Lsn, Op, TableId, LSN, OP, SEQ};
+use crate::changelog::{self, Lsn, Op, TableId, LSN, OP};
 use crate::config::quote_ident;
 use crate::features::{FeatureEngine, FeatureError};
 use crate::serve::Online;
 use crate::sink::checkpoint::{self, Checkpoint};
 use crate::sink::{DeltaSink, Lake, LakeTable};
 use crate::source::TableSchema;
-use arrow::array::{AsArray, RecordBatch};
-use arrow::datatypes::{Int64Type, SchemaRef};
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use datafusion::common::HashMap;
 use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
@@ -36,23 +36,18 @@ pub(crate) async fn rebuild_state(
     schemas: &[TableSchema],
     resume_at: Lsn,
 ) -> Result<usize, RunError> {
-    let (lsn, seq, op) = (quote_ident(LSN), quote_ident(SEQ), quote_ident(OP));
+    let (lsn, op) = (quote_ident(LSN), quote_ident(OP));
     for (t, schema) in schemas.iter().enumerate() {
         let path = LakeTable::raw_of(&schema.name);
-        let err = |e: Box<dyn std::error::Error + Send + Sync>| RunError::Rebuild {
-            table: path.clone(),
-            source: e,
-        };
-        let read_err = |e: datafusion::error::DataFusionError| err(Box::new(e));
         let ctx = session_over(tables(&path), &path, "raw").await?;
 
-        let truncate = last_truncate(&ctx, (&lsn, &seq, &op), resume_at)
+        let truncate = checkpoint::last_truncate(&ctx, "raw", resume_at)
             .await
-            .map_err(read_err)?;
-        let after_truncate = match truncate {
-            Some((l, s)) => format!(" AND ({lsn} > {l} OR ({lsn} = {l} AND {seq} > {s}))"),
-            None => String::new(),
-        };
+            .map_err(|e| RunError::Rebuild {
+                table: path.clone(),
+                source: Box::new(e),
+            })?;
+        let after_truncate = truncate.map(checkpoint::after_truncate).unwrap_or_default();
         // A checkpoint stands in for the rows below its LSN, unless it holds rows the
         // stream will replay or a truncate after it made them history.
         let ck = match checkpoints {
@@ -70,9 +65,7 @@ pub(crate) async fn rebuild_state(
                 .map_err(|e| RunError::from(FeatureError::from(e)))
         };
         if let Some(ck) = ck {
-            let ck_path = LakeTable::checkpoint_of(&path);
-            let ck_ctx = session_over(Some(ck.table), &ck_path, "ck").await?;
-            stream_rows(&ck_ctx, "SELECT * FROM ck", &path, &want, &mut load).await?;
+            load_checkpoint(ck, &path, &want, &mut load).await?;
         }
         let sql = format!(
             "SELECT * FROM raw WHERE {lsn} >= {from} AND {lsn} < {resume} \
@@ -84,6 +77,17 @@ pub(crate) async fn rebuild_state(
         stream_rows(&ctx, &sql, &path, &want, &mut load).await?;
     }
     Ok(engine.state().sizes().iter().sum())
+}
+
+/// Hands every row of `path`'s checkpoint `ck`, cast to `want`, to `load`.
+async fn load_checkpoint(
+    ck: Checkpoint,
+    path: &LakeTable,
+    want: &SchemaRef,
+    load: &mut impl FnMut(&RecordBatch) -> Result<(), RunError>,
+) -> Result<(), RunError> {
+    let ctx = session_over(Some(ck.table), &LakeTable::checkpoint_of(path), "ck").await?;
+    stream_rows(&ctx, "SELECT * FROM ck", path, want, load).await
 }
 
 /// Runs `sql` on `ctx` and hands each result batch, cast to `want`, to `load`.
@@ -149,9 +153,7 @@ pub(crate) async fn rebuild_online(
             Ok(())
         };
         if let Some(ck) = ck {
-            let ck_path = LakeTable::checkpoint_of(&path);
-            let ctx = session_over(Some(ck.table), &ck_path, "ck").await?;
-            stream_rows(&ctx, "SELECT * FROM ck", &path, &want, &mut load).await?;
+            load_checkpoint(ck, &path, &want, &mut load).await?;
         }
         let ctx = session_over(sink.table(&path).cloned(), &path, "f").await?;
         let sql = format!(
@@ -184,33 +186,6 @@ pub(crate) async fn session_over(
     ctx.register_table(alias, provider)
         .map_err(|e| err(Box::new(e)))?;
     Ok(ctx)
-}
-
-/// `(_lsn, _seq)` of the last truncate before `resume_at`, if any. `lsn`, `seq` and
-/// `op` are the quoted column names.
-async fn last_truncate(
-    ctx: &SessionContext,
-    (lsn, seq, op): (&str, &str, &str),
-    resume_at: Lsn,
-) -> datafusion::error::Result<Option<(i64, i64)>> {
-    let batches = ctx
-        .sql(&format!(
-            "SELECT {lsn}, {seq} FROM raw WHERE {op} = '{truncate}' AND {lsn} < {resume} \
-             ORDER BY {lsn} DESC, {seq} DESC LIMIT 1",
-            resume = resume_at.as_i64(),
-            truncate = Op::Truncate.as_str(),
-        ))
-        .await?
-        .collect()
-        .await?;
-    let Some(b) = batches.iter().find(|b| b.num_rows() > 0) else {
-        return Ok(None);
-    };
-    let value = |c: usize| -> datafusion::error::Result<i64> {
-        let column = arrow::compute::cast(b.column(c), &arrow::datatypes::DataType::Int64)?;
-        Ok(column.as_primitive::<Int64Type>().value(0))
-    };
-    Ok(Some((value(0)?, value(1)?)))
 }
 
 /// Casts a batch read back from Delta (string views, timezone spellings) to `want`. A

@@ -149,12 +149,12 @@ pub async fn write(
         }
     }
     let (lsn, seq, op) = (quote_ident(LSN), quote_ident(SEQ), quote_ident(OP));
-    let mut after_truncate = String::new();
+    let mut after = String::new();
     if spec.is_raw() {
-        if let Some((l, s)) = last_truncate(&ctx, upto).await.map_err(read_err)? {
-            after_truncate = format!(" AND ({lsn} > {l} OR ({lsn} = {l} AND {seq} > {s}))");
+        if let Some(t) = last_truncate(&ctx, "src", upto).await.map_err(read_err)? {
+            after = after_truncate(t);
             // A truncate after the previous checkpoint makes all of it history.
-            if Lsn::from_i64(l) >= from {
+            if Lsn::from_i64(t.0) >= from {
                 from = Lsn::ZERO;
             }
         }
@@ -163,7 +163,7 @@ pub async fn write(
     if spec.is_raw() {
         range.push_str(&format!(" AND {op} <> '{}'", Op::Truncate.as_str()));
     }
-    range.push_str(&after_truncate);
+    range.push_str(&after);
     let cols = schema
         .fields()
         .iter()
@@ -197,14 +197,14 @@ pub async fn write(
         .collect()
         .await
         .map_err(read_err)?;
+    let width = schema.fields().len();
     let keys = spec
         .keys
         .iter()
         .map(|k| schema.index_of(k))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| read_err(e.into()))?;
-    let batches =
-        newest_per_key(&input, &keys, schema.fields().len()).map_err(|e| read_err(e.into()))?;
+    let batches = newest_per_key(&input, &keys, width).map_err(|e| read_err(e.into()))?;
     drop(input);
     let rows = batches.iter().map(RecordBatch::num_rows).sum();
     crate::fault::crash_point("before_checkpoint_commit");
@@ -364,15 +364,17 @@ async fn count(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<u64
         .map_or(0, |b| b.column(0).as_primitive::<Int64Type>().value(0)) as u64)
 }
 
-/// `(_lsn, _seq)` of the last truncate in `src` below `upto`.
-async fn last_truncate(
+/// `(_lsn, _seq)` of the last truncate below `upto` in the raw table registered in `ctx`
+/// as `alias` (the rebuild's question too).
+pub(crate) async fn last_truncate(
     ctx: &SessionContext,
+    alias: &str,
     upto: Lsn,
 ) -> datafusion::error::Result<Option<(i64, i64)>> {
     let (lsn, seq, op) = (quote_ident(LSN), quote_ident(SEQ), quote_ident(OP));
     let batches = ctx
         .sql(&format!(
-            "SELECT {lsn}, {seq} FROM src WHERE {op} = '{}' AND {lsn} < {} \
+            "SELECT {lsn}, {seq} FROM {alias} WHERE {op} = '{}' AND {lsn} < {} \
              ORDER BY {lsn} DESC, {seq} DESC LIMIT 1",
             Op::Truncate.as_str(),
             upto.as_i64()
@@ -388,6 +390,12 @@ async fn last_truncate(
         Ok(column.as_primitive::<Int64Type>().value(0))
     };
     Ok(Some((value(0)?, value(1)?)))
+}
+
+/// An SQL condition (` AND …`) keeping the rows after the truncate at `(lsn, seq)`.
+pub(crate) fn after_truncate((l, s): (i64, i64)) -> String {
+    let (lsn, seq) = (quote_ident(LSN), quote_ident(SEQ));
+    format!(" AND ({lsn} > {l} OR ({lsn} = {l} AND {seq} > {s}))")
 }
 
 /// The durable point the committer reached: every row below `lsn` is in the lake, and
