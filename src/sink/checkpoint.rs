@@ -171,7 +171,6 @@ pub async fn write(
         .collect::<Vec<_>>()
         .join(", ");
     let changes_sql = format!("SELECT {cols} FROM src WHERE {range}");
-    let changes = count(&ctx, &changes_sql).await.map_err(read_err)?;
     let input = match from > Lsn::ZERO {
         true => format!("SELECT {cols} FROM prev UNION ALL {changes_sql}"),
         false => changes_sql,
@@ -197,7 +196,15 @@ pub async fn write(
         .collect()
         .await
         .map_err(read_err)?;
+    // The changes read, for the log: the previous checkpoint's rows are all below `from`.
     let width = schema.fields().len();
+    let changes: u64 = input
+        .iter()
+        .map(|b| {
+            let lsn = b.column(width + 1).as_primitive::<Int64Type>();
+            lsn.values().iter().filter(|&&l| l >= from.as_i64()).count() as u64
+        })
+        .sum();
     let keys = spec
         .keys
         .iter()
@@ -352,16 +359,6 @@ async fn register(
     let provider = table.table_provider().await.map_err(read_err)?;
     ctx.register_table(alias, provider).map_err(read_err)?;
     Ok(())
-}
-
-async fn count(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<u64> {
-    let b = ctx
-        .sql(&format!("SELECT count(*) FROM ({sql})"))
-        .await?
-        .collect()
-        .await?;
-    Ok(b.first()
-        .map_or(0, |b| b.column(0).as_primitive::<Int64Type>().value(0)) as u64)
 }
 
 /// `(_lsn, _seq)` of the last truncate below `upto` in the raw table registered in `ctx`
