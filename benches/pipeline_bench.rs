@@ -37,11 +37,7 @@ fn write_pipeline(dir: &Path, url: &str, as_of: &str) -> PathBuf {
 }
 
 fn write_pipeline_with_lake(dir: &Path, url: &str, as_of: &str, mut lake: LakeConfig) -> PathBuf {
-    // BENCH_STATE_CHECKPOINT_EVERY: state checkpoint interval in changes (0 = off).
-    if let Ok(n) = std::env::var("BENCH_STATE_CHECKPOINT_EVERY") {
-        lake.maintenance.state_checkpoint_every_changes =
-            n.parse().expect("BENCH_STATE_CHECKPOINT_EVERY: a number");
-    }
+    common::apply_checkpoint_knob(&mut lake);
     let features = Path::new(env!("CARGO_MANIFEST_DIR")).join("feature_defs/client_features.yaml");
     let mut source = SourceConfig::new(url, "bench_pub", &["user", "loan", "payment"]);
     source.slot = Some("bench_slot".into());
@@ -59,12 +55,7 @@ fn drop_slot(url: &str) {
 fn main() {
     let runs: usize = knob("BENCH_RUNS", 3);
     let changes: usize = knob("BENCH_CHANGES", 200);
-    let mut url = format!("{}/bench_dump", pg_base());
-    // BENCH_SSLMODE: the source URL's sslmode (libpq's default `prefer` uses TLS when the
-    // server has it, as Debian's Postgres does).
-    if let Ok(mode) = std::env::var("BENCH_SSLMODE") {
-        url.push_str(&format!("?sslmode={mode}"));
-    }
+    let url = common::with_sslmode(format!("{}/bench_dump", pg_base()));
 
     common::restore_dump(&url);
 

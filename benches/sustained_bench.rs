@@ -236,17 +236,12 @@ fn run(
 
 fn pipeline_file(dir: &Path, mut lake: LakeConfig, port: u16) -> PathBuf {
     let features = repo().join("feature_defs/client_features.yaml");
-    // BENCH_SSLMODE: the pipeline's sslmode (libpq's default `prefer` is TLS on a server
-    // with ssl = on); BENCH_STATE_CHECKPOINT_EVERY: state checkpoint interval (0 = off).
-    let mut url = pg_url();
-    if let Ok(mode) = std::env::var("BENCH_SSLMODE") {
-        url.push_str(&format!("?sslmode={mode}"));
-    }
-    if let Ok(n) = std::env::var("BENCH_STATE_CHECKPOINT_EVERY") {
-        lake.maintenance.state_checkpoint_every_changes =
-            n.parse().expect("BENCH_STATE_CHECKPOINT_EVERY: a number");
-    }
-    let mut source = SourceConfig::new(url, "bench_sustained_pub", &["user", "loan", "payment"]);
+    common::apply_checkpoint_knob(&mut lake);
+    let mut source = SourceConfig::new(
+        common::with_sslmode(pg_url()),
+        "bench_sustained_pub",
+        &["user", "loan", "payment"],
+    );
     source.slot = Some(SLOT.into());
     let mut config = PipelineConfig::new("bench_sustained", source, lake, vec![features]);
     // As the product runs: the online API on (its /metrics gives the stage histograms).

@@ -36,6 +36,23 @@ pub(crate) fn psql(url: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// `url` with BENCH_SSLMODE as its `sslmode` when set (libpq's default `prefer` is TLS on a
+/// server with `ssl = on`, as Debian's Postgres has).
+pub(crate) fn with_sslmode(mut url: String) -> String {
+    if let Ok(mode) = std::env::var("BENCH_SSLMODE") {
+        url.push_str(&format!("?sslmode={mode}"));
+    }
+    url
+}
+
+/// BENCH_STATE_CHECKPOINT_EVERY, when set, as `lake`'s state checkpoint interval (0 = off).
+pub(crate) fn apply_checkpoint_knob(lake: &mut pipeline::config::LakeConfig) {
+    if let Ok(n) = std::env::var("BENCH_STATE_CHECKPOINT_EVERY") {
+        lake.maintenance.state_checkpoint_every_changes =
+            n.parse().expect("BENCH_STATE_CHECKPOINT_EVERY: a number");
+    }
+}
+
 /// Drops the replication slot `slot` of `url`'s database if it exists.
 pub(crate) fn drop_slot(url: &str, slot: &str) {
     psql(
