@@ -212,10 +212,14 @@ async fn run(
                     return;
                 }
             };
+            // The tables of a batch commit together: counted from zero, every table's
+            // checkpoint (and compaction) would fall due at the same commit and run back
+            // to back, a burst of CPU the appends beside it feel.
+            let nth = tables.len() as u64;
             let tracked = Tracked {
                 table: own,
-                since_checkpoint: 0,
-                since_compaction: 0,
+                since_checkpoint: stagger(nth, config.checkpoint_every_commits),
+                since_compaction: stagger(nth, config.compact_every_commits),
                 last_log_cleanup: None,
             };
             tables.insert(path.clone(), tracked);
@@ -249,6 +253,15 @@ async fn run(
             }
         }
     }
+}
+
+/// Where the `nth` table's count of commits starts, so that tables due every `every`
+/// commits fall due at commits spread over that cycle (golden-ratio steps: any number of
+/// tables stays evenly spread).
+fn stagger(nth: u64, every: u64) -> u64 {
+    const STEP: f64 = 0.618_033_988_75;
+    let offset = (nth as f64 * STEP).fract() * every as f64;
+    (offset as u64).min(every.saturating_sub(1))
 }
 
 /// Compacts and checkpoints `t` when due.
@@ -381,4 +394,19 @@ async fn vacuum(
     tracing::info!(table = %path, files_vacuumed = found.files_deleted.len(),
         elapsed_ms = started.elapsed().as_millis() as u64, "vacuum");
     Ok(found.files_deleted.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stagger;
+
+    #[test]
+    fn staggered_tables_fall_due_at_different_commits() {
+        let starts: Vec<u64> = (0..4).map(|n| stagger(n, 100)).collect();
+        assert_eq!(starts, vec![0, 61, 23, 85]);
+        // Each comes due within one cycle, and `every` of 0 or 1 still works.
+        assert!((0..50).all(|n| stagger(n, 20) < 20));
+        assert_eq!(stagger(3, 0), 0);
+        assert_eq!(stagger(3, 1), 0);
+    }
 }
