@@ -20,7 +20,9 @@ pub const BATCHES: &str = "pipeline_batches_total";
 /// One table's Delta commit (`table` = `raw/loan`, …).
 pub const TABLE_COMMIT_SECONDS: &str = "pipeline_table_commit_seconds";
 /// One step of an append (`step` = `write`: Parquet encoded and uploaded, `log`: the
-/// log entry, `snapshot`: the writer's snapshot moved to it).
+/// log entry, `snapshot`: the writer's snapshot moved to it; `reload`: before the
+/// append, the writer's table swapped for the one the maintainer read from a new
+/// checkpoint, brought up to date).
 pub const TABLE_COMMIT_STEP_SECONDS: &str = "pipeline_table_commit_step_seconds";
 /// One request to the lake's object store (`op` = `put`, `get`, `head`, `list`,
 /// `copy`, `rename`; `list_log`: a `_delta_log` listing answered by the log cache and
@@ -92,7 +94,7 @@ fn describe() {
         (TABLE_COMMIT_SECONDS, "one Delta table's commit"),
         (
             TABLE_COMMIT_STEP_SECONDS,
-            "one step of an append (write, log, snapshot)",
+            "one step of an append (write, log, snapshot, reload)",
         ),
         (
             LAKE_DURABLE_SECONDS,

@@ -238,6 +238,28 @@ impl Folds {
     pub(crate) fn take_fresh(&self, path: &LakeTable) -> Option<DeltaTable> {
         self.with(path, |s| s.fresh.take())
     }
+
+    /// Moves the reloaded table waiting for `path`'s writer forward to `newest`'s version
+    /// (the writer's last commit the maintainer heard of), on the maintainer's thread:
+    /// the writer then swaps it in with nothing, or a commit or two, left to replay on its
+    /// own path. While it is out the writer keeps its own table for one more append.
+    pub(crate) async fn advance_fresh(&self, path: &LakeTable, newest: &DeltaTable) {
+        let Some(have) = newest.version() else {
+            return;
+        };
+        let Some(mut fresh) = self.take_fresh(path) else {
+            return;
+        };
+        if fresh.version().is_some_and(|v| v < have) {
+            if let Err(e) = fresh.update_incremental(Some(have)).await {
+                // The writer's own catch-up (`continue_from`) tries again or keeps its table.
+                tracing::debug!(table = %path, error = %e, "reloaded table could not catch up");
+            }
+        }
+        self.with(path, |s| {
+            s.fresh.get_or_insert(fresh);
+        });
+    }
 }
 
 /// Moves `fresh` (loaded from a checkpoint a little while ago) forward to `current`'s

@@ -407,7 +407,13 @@ async fn commit_table(
     let result = match props.kind {
         CommitKind::Append => {
             let table = match props.folds.as_ref().and_then(|f| f.take_fresh(&path)) {
-                Some(fresh) => compact::continue_from(table, fresh).await,
+                Some(fresh) => {
+                    let started = Instant::now();
+                    let table = compact::continue_from(table, fresh).await;
+                    metrics::histogram!(crate::metrics::TABLE_COMMIT_STEP_SECONDS, "step" => "reload")
+                        .record(started.elapsed().as_secs_f64());
+                    table
+                }
                 None => table,
             };
             let target = append::Target {

@@ -235,6 +235,9 @@ async fn run(
         while let Ok((path, table)) = rx.try_recv() {
             note(&mut tables, path, table);
         }
+        for (path, t) in &tables {
+            folds.advance_fresh(path, &t.table).await;
+        }
         for (path, t) in tables.iter_mut() {
             if let Err(e) = maintain_due(&lake, &config, &folds, path, t).await {
                 // Maintenance is an optimisation: a failure is retried at a later commit
