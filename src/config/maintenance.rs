@@ -47,7 +47,7 @@ impl Default for MaintenanceConfig {
             vacuum_every_minutes: 60,
             vacuum_retention_hours: 168,
             log_retention_minutes: 10,
-            tombstone_retention_minutes: 10,
+            tombstone_retention_minutes: 1,
             state_checkpoint_every_changes: 200_000,
             state_checkpoint_every_minutes: 10,
         }
