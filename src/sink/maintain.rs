@@ -191,8 +191,8 @@ struct Tracked {
     table: DeltaTable,
     since_checkpoint: u64,
     since_compaction: u64,
-    /// When expired commit files were last deleted.
-    last_log_cleanup: Option<Instant>,
+    /// When expired commit files are next deleted (at the first checkpoint after it).
+    next_log_cleanup: Instant,
 }
 
 async fn run(
@@ -220,7 +220,7 @@ async fn run(
                 table: own,
                 since_checkpoint: stagger(nth, config.checkpoint_every_commits),
                 since_compaction: stagger(nth, config.compact_every_commits),
-                last_log_cleanup: None,
+                next_log_cleanup: Instant::now() + log_cleanup_every(&config).mul_f64(spread(nth)),
             };
             tables.insert(path.clone(), tracked);
         }
@@ -262,9 +262,23 @@ async fn run(
 /// commits fall due at commits spread over that cycle (golden-ratio steps: any number of
 /// tables stays evenly spread).
 fn stagger(nth: u64, every: u64) -> u64 {
-    const STEP: f64 = 0.618_033_988_75;
-    let offset = (nth as f64 * STEP).fract() * every as f64;
+    let offset = spread(nth) * every as f64;
     (offset as u64).min(every.saturating_sub(1))
+}
+
+/// Where in a cycle the `nth` table starts, as a fraction in [0, 1).
+fn spread(nth: u64) -> f64 {
+    const STEP: f64 = 0.618_033_988_75;
+    (nth as f64 * STEP).fract()
+}
+
+/// Log cleanup lists the whole log (on s3s-fs, the whole bucket): once every quarter of
+/// the retention is enough to keep the log near its retention. Each table's first
+/// cleanup comes at its own point of that period ([`spread`]): at 1,000 tx/s the four
+/// tables' cleanups (each listing ~10,000 commit files) falling within seconds of each
+/// other was the slowest minute of a 10-minute run.
+fn log_cleanup_every(config: &MaintenanceConfig) -> Duration {
+    Duration::from_secs(config.log_retention_minutes.saturating_mul(60)) / 4
 }
 
 /// Compacts and checkpoints `t` when due.
@@ -318,14 +332,8 @@ async fn maintain_due(
         let fresh = lake.existing_table(path).await?;
         folds.offer_fresh(path, fresh);
         let reloaded = started.elapsed();
-        // Log cleanup lists the whole log (on s3s-fs, the whole bucket): once every
-        // quarter of the retention is enough to keep the log near its retention.
-        let retention = Duration::from_secs(config.log_retention_minutes.saturating_mul(60));
-        let cleaned = if t
-            .last_log_cleanup
-            .is_none_or(|at| at.elapsed() >= retention / 4)
-        {
-            t.last_log_cleanup = Some(Instant::now());
+        let cleaned = if Instant::now() >= t.next_log_cleanup {
+            t.next_log_cleanup = Instant::now() + log_cleanup_every(config);
             deltalake::checkpoints::cleanup_expired_logs_for(
                 version,
                 t.table.log_store().as_ref(),
@@ -401,7 +409,7 @@ async fn vacuum(
 
 #[cfg(test)]
 mod tests {
-    use super::stagger;
+    use super::{spread, stagger};
 
     #[test]
     fn staggered_tables_fall_due_at_different_commits() {
@@ -411,5 +419,8 @@ mod tests {
         assert!((0..50).all(|n| stagger(n, 20) < 20));
         assert_eq!(stagger(3, 0), 0);
         assert_eq!(stagger(3, 1), 0);
+        // Log cleanups start at the same fractions of their period.
+        assert_eq!(spread(0), 0.0);
+        assert!((1..50).all(|n| spread(n) > 0.0 && spread(n) < 1.0));
     }
 }
