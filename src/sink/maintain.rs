@@ -191,8 +191,9 @@ struct Tracked {
     table: DeltaTable,
     since_checkpoint: u64,
     since_compaction: u64,
-    /// When expired commit files are next deleted (at the first checkpoint after it).
-    next_log_cleanup: Instant,
+    /// When expired commit files are next deleted (at the first checkpoint after it);
+    /// never when the retention is too long to count to.
+    next_log_cleanup: Option<Instant>,
 }
 
 async fn run(
@@ -220,7 +221,8 @@ async fn run(
                 table: own,
                 since_checkpoint: stagger(nth, config.checkpoint_every_commits),
                 since_compaction: stagger(nth, config.compact_every_commits),
-                next_log_cleanup: Instant::now() + log_cleanup_every(&config).mul_f64(spread(nth)),
+                next_log_cleanup: Instant::now()
+                    .checked_add(log_cleanup_every(&config).mul_f64(spread(nth))),
             };
             tables.insert(path.clone(), tracked);
         }
@@ -332,8 +334,8 @@ async fn maintain_due(
         let fresh = lake.existing_table(path).await?;
         folds.offer_fresh(path, fresh);
         let reloaded = started.elapsed();
-        let cleaned = if Instant::now() >= t.next_log_cleanup {
-            t.next_log_cleanup = Instant::now() + log_cleanup_every(config);
+        let cleaned = if t.next_log_cleanup.is_some_and(|at| Instant::now() >= at) {
+            t.next_log_cleanup = Instant::now().checked_add(log_cleanup_every(config));
             deltalake::checkpoints::cleanup_expired_logs_for(
                 version,
                 t.table.log_store().as_ref(),
@@ -409,7 +411,7 @@ async fn vacuum(
 
 #[cfg(test)]
 mod tests {
-    use super::{spread, stagger};
+    use super::{log_cleanup_every, spread, stagger, MaintenanceConfig};
 
     #[test]
     fn staggered_tables_fall_due_at_different_commits() {
@@ -422,5 +424,14 @@ mod tests {
         // Log cleanups start at the same fractions of their period.
         assert_eq!(spread(0), 0.0);
         assert!((1..50).all(|n| spread(n) > 0.0 && spread(n) < 1.0));
+        // A retention too long to add to a clock is no panic.
+        let config = MaintenanceConfig {
+            log_retention_minutes: u64::MAX,
+            ..MaintenanceConfig::default()
+        };
+        for n in 0..4 {
+            let first = log_cleanup_every(&config).mul_f64(spread(n));
+            let _ = std::time::Instant::now().checked_add(first);
+        }
     }
 }
