@@ -226,6 +226,7 @@ fn run(
     report_maintenance(&log_text);
     report_metrics(&metrics);
     report_per_minute_metrics(&scrapes);
+    report_per_minute_gauges(&scrapes);
     report_per_minute_cpu(&cpus);
     if let Some(pid) = s3_pid {
         // The server shares the 2 cores: its listings walk the whole bucket.
@@ -717,6 +718,7 @@ fn report_per_minute_metrics(scrapes: &[String]) {
     for name in [
         "pipeline_object_store_seconds",
         "pipeline_table_commit_step_seconds",
+        "pipeline_lake_durable_seconds",
         "pipeline_maintenance_seconds",
     ] {
         let sums: Vec<_> = scrapes.iter().map(|s| histogram_sums(s, name)).collect();
@@ -735,6 +737,40 @@ fn report_per_minute_metrics(scrapes: &[String]) {
                         "-".into()
                     }
                 })
+                .collect();
+            println!("  per minute {name}{{{labels}}}: {}", cells.join(" "));
+        }
+    }
+}
+
+/// `{labels} → value` of gauge `name` in one scrape.
+fn gauge_values(text: &str, name: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name).then(|| (labels.trim_end_matches('}').to_string(), value.parse().ok()))
+        })
+        .filter_map(|(labels, value)| Some((labels, value?)))
+        .collect()
+}
+
+/// At each minute's end, the gauges whose growth would explain a commit's growing cost:
+/// each table's live files, the entities served online.
+fn report_per_minute_gauges(scrapes: &[String]) {
+    for name in ["pipeline_table_live_files", "pipeline_online_entities"] {
+        let values: Vec<_> = scrapes
+            .iter()
+            .skip(1)
+            .map(|s| gauge_values(s, name))
+            .collect();
+        let series: std::collections::BTreeSet<&String> =
+            values.iter().flat_map(|m| m.keys()).collect();
+        for labels in series {
+            let cells: Vec<String> = values
+                .iter()
+                .map(|m| m.get(labels).map_or("-".into(), |v| format!("{v:.0}")))
                 .collect();
             println!("  per minute {name}{{{labels}}}: {}", cells.join(" "));
         }

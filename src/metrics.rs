@@ -33,6 +33,9 @@ pub const LAKE_DURABLE_SECONDS: &str = "pipeline_lake_durable_seconds";
 /// One maintenance task on one table (`task` = `compact`, `checkpoint`,
 /// `vacuum`, `state_checkpoint` for all tables at once).
 pub const MAINTENANCE_SECONDS: &str = "pipeline_maintenance_seconds";
+/// Live files of a table after its latest append (`table`): what the writer's snapshot
+/// carries and each commit moves on.
+pub const TABLE_LIVE_FILES: &str = "pipeline_table_live_files";
 /// Small files removed by compactions folded into appends.
 pub const COMPACTED_FILES: &str = "pipeline_compacted_files_total";
 /// WAL the server holds for the slot, and how far the acknowledged position is behind
@@ -150,6 +153,11 @@ fn describe() {
             ONLINE_ENTITIES,
             Unit::Count,
             "entities served online per feature file",
+        ),
+        (
+            TABLE_LIVE_FILES,
+            Unit::Count,
+            "live files of a table after its latest append",
         ),
     ] {
         describe_gauge!(name, unit, what);

@@ -138,6 +138,10 @@ pub(super) async fn append(
     let finalized = post.await.map_err(derr)?;
     table.state = Some(finalized.snapshot());
     let snapshot = moved.elapsed();
+    if let Ok(s) = table.snapshot() {
+        metrics::gauge!(crate::metrics::TABLE_LIVE_FILES, "table" => path.to_string())
+            .set(s.log_data().num_files() as f64);
+    }
     if let Some(f) = folds.filter(|_| took_compaction) {
         // Landed, or dropped as stale: either way the maintainer plans the next one
         // from a snapshot at least this new.
