@@ -691,22 +691,26 @@ fn report_per_minute_cpu(samples: &[BTreeMap<&'static str, f64>]) {
     }
 }
 
+/// Each sample line of one scrape as (metric, labels, value).
+fn samples(text: &str) -> impl Iterator<Item = (&str, &str, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
+            Some((metric, labels.trim_end_matches('}'), value.parse().ok()?))
+        })
+}
+
 /// `{labels} → (sum, count)` of histogram `name` in one scrape.
 fn histogram_sums(text: &str, name: &str) -> BTreeMap<String, (f64, f64)> {
     let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
-        let labels = labels.trim_end_matches('}').to_string();
-        if metric == format!("{name}_sum") {
-            out.entry(labels).or_default().0 = value;
-        } else if metric == format!("{name}_count") {
-            out.entry(labels).or_default().1 = value;
+    let (sum, count) = (format!("{name}_sum"), format!("{name}_count"));
+    for (metric, labels, value) in samples(text) {
+        if metric == sum {
+            out.entry(labels.to_string()).or_default().0 = value;
+        } else if metric == count {
+            out.entry(labels.to_string()).or_default().1 = value;
         }
     }
     out
@@ -745,14 +749,9 @@ fn report_per_minute_metrics(scrapes: &[String]) {
 
 /// `{labels} → value` of gauge `name` in one scrape.
 fn gauge_values(text: &str, name: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
-            (metric == name).then(|| (labels.trim_end_matches('}').to_string(), value.parse().ok()))
-        })
-        .filter_map(|(labels, value)| Some((labels, value?)))
+    samples(text)
+        .filter(|(metric, ..)| *metric == name)
+        .map(|(_, labels, value)| (labels.to_string(), value))
         .collect()
 }
 
