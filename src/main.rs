@@ -264,7 +264,44 @@ fn main() -> std::process::ExitCode {
         .block_on(async_main())
 }
 
-/// glibc's malloc, tuned before any thread starts. Buffers of 128 KiB and more (the
+/// jemalloc by default (feature `jemalloc`). Under sustained load glibc's malloc was about
+/// a quarter of the pipeline's CPU (arena locks, `malloc_consolidate`); with jemalloc the
+/// same 1,000 tx/s run sees about half the commit → visible latency at every percentile
+/// (README, issue 18). `--no-default-features` builds with glibc's.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc runs with its defaults (eight arenas, freed pages kept for reuse up to 10 s), as
+/// a service under load wants; `_RJEM_MALLOC_CONF` in the environment overrides them. A
+/// `--once` run is a batch job whose peak memory matters more than an allocation's
+/// latency: there freed pages go back to the OS at once, as glibc's per-mapping large
+/// blocks did. The snapshot frees most of what it allocates; kept for reuse, those pages
+/// were ~50 MiB more at the peak of a full-dump `--once` (README, issue 18).
+fn return_freed_pages_at_once() {
+    #[cfg(feature = "jemalloc")]
+    {
+        use tikv_jemalloc_ctl::raw;
+        // SAFETY: these names take an `ssize_t` (isize) and `unsigned` (u32) as jemalloc
+        // documents; a name it refuses (an arena not yet created) only returns an error.
+        unsafe {
+            // Arenas created from now on, then the ones already there.
+            let _ = raw::write(b"arenas.dirty_decay_ms\0", 0isize);
+            let arenas = raw::read::<u32>(b"arenas.narenas\0").unwrap_or(0);
+            for i in 0..arenas {
+                let name = format!("arena.{i}.dirty_decay_ms\0");
+                let _ = raw::write(name.as_bytes(), 0isize);
+            }
+        }
+    }
+}
+
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// glibc's malloc (the global allocator without the `jemalloc` feature, and what C code
+/// calls), tuned before any thread starts. Buffers of 128 KiB and more (the
 /// state's row buffers and hash tables, Arrow arrays, Parquet pages) get mappings of
 /// their own that go back to the OS when freed: by default glibc raises that threshold
 /// as such blocks are freed, after which they fragment the heap. And two arenas instead
@@ -296,6 +333,9 @@ async fn async_main() -> std::process::ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run { pipeline, once } => {
+            if once {
+                return_freed_pages_at_once();
+            }
             let p = Pipeline::load(&pipeline)?;
             let cancel = CancellationToken::new();
             shutdown_on_signal(cancel.clone());
