@@ -277,7 +277,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// `--once` run is a batch job whose peak memory matters more than an allocation's
 /// latency: there freed pages go back to the OS at once, as glibc's per-mapping large
 /// blocks did. The snapshot frees most of what it allocates; kept for reuse, those pages
-/// were ~50 MiB more at the peak of a full-dump `--once` (README, issue 18).
+/// were ~60 MiB more at the peak of a full-dump `--once` (README, issue 18).
 fn return_freed_pages_at_once() {
     #[cfg(feature = "jemalloc")]
     {
