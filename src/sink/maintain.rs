@@ -96,15 +96,15 @@ fn log_cleanup_cutoff(config: &MaintenanceConfig) -> i64 {
 /// and the batches in slices of a few milliseconds, and a little lower priority lets a
 /// batch's threads go first. Not much lower: on a saturated machine (an S3 lake on 2
 /// cores) nice 10 starved it, its compactions fell behind and every commit grew slower.
-const NICE: i32 = 5;
+pub(super) const NICE: i32 = 5;
 
-/// Lowers the calling thread's priority to [`NICE`] (on Linux the nice value is a
-/// thread's own; the threads it starts inherit it).
-fn lower_priority() {
+/// Lowers the calling thread's priority to `nice` (on Linux the nice value is a thread's
+/// own; the threads it starts inherit it).
+fn lower_priority(nice: i32) {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: setpriority only reads its arguments; 0 names the calling thread.
-        let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, NICE) } != 0;
+        let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0;
         if failed {
             tracing::debug!(error = %std::io::Error::last_os_error(),
                 "table maintenance keeps the pipeline's priority");
@@ -112,12 +112,13 @@ fn lower_priority() {
     }
 }
 
-/// Runs the future `make` returns on a thread of its own at [`NICE`], on a one-worker
-/// runtime (multi-thread, not current-thread: on a current-thread runtime delta-rs starts
-/// a background thread and runtime per engine it makes, whose connections die with it).
+/// Runs the future `make` returns on a thread of its own at `nice` ([`NICE`] for the
+/// maintainer), on a one-worker runtime (multi-thread, not current-thread: on a
+/// current-thread runtime delta-rs starts a background thread and runtime per engine it
+/// makes, whose connections die with it).
 /// For work that helps but is not needed (maintenance, state checkpoints): a failure to
 /// start it is logged, not returned.
-pub(super) fn background<F, Fut>(name: &'static str, make: F)
+pub(super) fn background<F, Fut>(name: &'static str, nice: i32, make: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()>,
@@ -125,7 +126,7 @@ where
     let started = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            lower_priority();
+            lower_priority(nice);
             match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .thread_name(name)
@@ -163,7 +164,7 @@ impl Maintainer {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let thread_folds = folds.clone();
         // Maintenance is an optimisation: without its thread the appends go on.
-        background("maintainer", move || async move {
+        background("maintainer", NICE, move || async move {
             run(lake, config, thread_folds, rx).await;
             let _ = done_tx.send(());
         });
