@@ -96,7 +96,7 @@ fn log_cleanup_cutoff(config: &MaintenanceConfig) -> i64 {
 /// and the batches in slices of a few milliseconds, and a little lower priority lets a
 /// batch's threads go first. Not much lower: on a saturated machine (an S3 lake on 2
 /// cores) nice 10 starved it, its compactions fell behind and every commit grew slower.
-pub(super) const NICE: i32 = 5;
+const NICE: i32 = 5;
 
 /// Lowers the calling thread's priority to `nice` (on Linux the nice value is a thread's
 /// own; the threads it starts inherit it).
