@@ -131,7 +131,7 @@ pub(super) async fn append(
         .await
         .map_err(derr)?;
     let version = post.version;
-    lake.sync_files(path, vec![format!("_delta_log/{version:020}.json")])
+    lake.sync_files(path, vec![LakeTable::commit_file(version)])
         .await?;
     let log = logged.elapsed();
     let moved = Instant::now();

@@ -291,8 +291,7 @@ fn written_files(table: &DeltaTable) -> Result<Vec<String>, deltalake::DeltaTabl
         .into_iter()
         .map(|f| f.path().into_owned())
         .collect();
-    let version = table.version().unwrap_or(0);
-    files.push(format!("_delta_log/{version:020}.json"));
+    files.push(LakeTable::commit_file(table.version().unwrap_or(0)));
     Ok(files)
 }
 

@@ -93,6 +93,12 @@ impl LakeTable {
         self.kind == TableKind::Raw
     }
 
+    /// The log entry of `version`, relative to the table's directory (what
+    /// [`super::Lake::sync_files`] takes).
+    pub(crate) fn commit_file(version: u64) -> String {
+        format!("_delta_log/{version:020}.json")
+    }
+
     /// Every table of `pipeline`: the raw tables in configured order, then the feature
     /// tables.
     pub fn all_of(pipeline: &crate::config::Pipeline) -> Vec<LakeTable> {
