@@ -192,22 +192,32 @@ fn run(
     let _ = child.wait();
 
     let mut f = std::io::BufWriter::new(std::fs::File::create(csv).unwrap());
-    writeln!(f, "run,t_s,unix_ms,client_id,visible_ms").unwrap();
+    writeln!(f, "run,t_s,unix_ms,client_id,visible_ms,version").unwrap();
     for p in &probes.samples {
-        let at = probes.started_unix_ms + p.0 * 1000.0;
-        writeln!(f, "{},{:.3},{at:.0},{},{:.3}", spec.name(), p.0, p.1, p.2).unwrap();
+        let at = probes.started_unix_ms + p.at_s * 1000.0;
+        let (name, t, id) = (spec.name(), p.at_s, p.client_id);
+        let (ms, v) = (p.visible_ms, p.version);
+        writeln!(f, "{name},{t:.3},{at:.0},{id},{ms:.3},{v}").unwrap();
     }
     drop(f);
     // Kept beside the CSV, so that slow probes can be lined up with what the log says.
     let _ = std::fs::copy(&log, csv.with_extension("log"));
-    let samples: Vec<(f64, f64)> = probes.samples.iter().map(|p| (p.0, p.2)).collect();
+    let samples: Vec<(f64, f64)> = probes
+        .samples
+        .iter()
+        .map(|p| (p.at_s, p.visible_ms))
+        .collect();
     report("commit → visible in features/client_features", &samples);
     println!(
         "  probes: {} committed, {} visible ({} before their COMMIT returned), {} never seen \
          within 30 s",
         probes.committed,
         probes.samples.len(),
-        probes.samples.iter().filter(|p| p.2 == 0.0).count(),
+        probes
+            .samples
+            .iter()
+            .filter(|p| p.visible_ms == 0.0)
+            .count(),
         probes.lost
     );
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -284,9 +294,19 @@ fn print_loadgen(child: Child) {
     }
 }
 
+/// One probe: committed this many seconds after the first, its client id, commit →
+/// visible ms, and the feature table version that carried it (to line it up with the
+/// pipeline's `delta commit` log line for that version).
+#[derive(Clone, Copy)]
+struct Sample {
+    at_s: f64,
+    client_id: i64,
+    visible_ms: f64,
+    version: u64,
+}
+
 struct Probes {
-    /// (seconds since the first probe, client id, commit → visible ms).
-    samples: Vec<(f64, i64, f64)>,
+    samples: Vec<Sample>,
     committed: usize,
     lost: usize,
     /// Wall-clock time of the first probe (unix ms), to line probes up with the log.
@@ -357,14 +377,14 @@ fn watch(
     pending: &Mutex<VecDeque<(i64, Instant)>>,
     done: &std::sync::atomic::AtomicBool,
     started: Instant,
-) -> Vec<(f64, i64, f64)> {
+) -> Vec<Sample> {
     let mut next = latest_version(delta_log) + 1;
     let mut out = Vec::new();
     // (highest key added, when seen) per version read, in order. A probe may be in the
     // lake before its COMMIT returns (the walsender sends a transaction once its WAL is
     // flushed, before the client hears back), so it is resolved against every version
     // seen, not only those read after it was queued: such a probe counts 0 ms.
-    let mut seen_versions: VecDeque<(i64, Instant)> = VecDeque::new();
+    let mut seen_versions: VecDeque<(i64, Instant, u64)> = VecDeque::new();
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
         resolve(
             &mut pending.lock().unwrap(),
@@ -385,7 +405,7 @@ fn watch(
         };
         next += 1;
         if let Some(key) = max_key {
-            seen_versions.push_back((key, seen));
+            seen_versions.push_back((key, seen, next - 1));
             if seen_versions.len() > 1000 {
                 seen_versions.pop_front();
             }
@@ -394,24 +414,25 @@ fn watch(
     out
 }
 
-/// Pops the pending probes a version seen carries, oldest first, into `out` as
-/// (committed s since `started`, id, commit → seen ms, 0 when seen first).
+/// Pops the pending probes a version seen carries, oldest first, into `out` (commit →
+/// seen is 0 when seen first).
 fn resolve(
     pending: &mut VecDeque<(i64, Instant)>,
-    seen_versions: &VecDeque<(i64, Instant)>,
+    seen_versions: &VecDeque<(i64, Instant, u64)>,
     started: Instant,
-    out: &mut Vec<(f64, i64, f64)>,
+    out: &mut Vec<Sample>,
 ) {
     while let Some(&(id, committed)) = pending.front() {
-        let Some(&(_, seen)) = seen_versions.iter().find(|(key, _)| *key >= id) else {
+        let Some(&(_, seen, version)) = seen_versions.iter().find(|(key, ..)| *key >= id) else {
             break;
         };
         pending.pop_front();
-        out.push((
-            committed.duration_since(started).as_secs_f64(),
-            id,
-            seen.saturating_duration_since(committed).as_secs_f64() * 1000.0,
-        ));
+        out.push(Sample {
+            at_s: committed.duration_since(started).as_secs_f64(),
+            client_id: id,
+            visible_ms: seen.saturating_duration_since(committed).as_secs_f64() * 1000.0,
+            version,
+        });
     }
 }
 
