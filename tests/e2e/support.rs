@@ -184,25 +184,44 @@ pub fn t() -> LakeTable {
     LakeTable::features("t")
 }
 
-/// Runs `sql_over_t` over the Delta table `path` of the lake (registered as `t`).
+/// Runs `sql_over_t` over the Delta table `path` of the lake (registered as `t`). A read
+/// beside the maintainer can meet its checkpoint or log cleanup half done, so a failed read
+/// is tried again for a few seconds before the test fails, with the error.
 pub async fn read_delta(lake: &Lake, path: &LakeTable, sql_over_t: &str) -> Vec<RecordBatch> {
-    try_read_delta(lake, path, sql_over_t)
-        .await
-        .unwrap_or_else(|| panic!("no Delta table at {}{path}", lake.root()))
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match query_delta(lake, path, sql_over_t).await {
+            Ok(batches) => return batches,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("reading {}{path} failed, trying again: {e}", lake.root());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("cannot read the Delta table at {}{path}: {e}", lake.root()),
+        }
+    }
 }
 
-/// As `read_delta`, or None while the table does not exist yet.
+/// As `read_delta`, or None while the table does not exist yet (or cannot be read).
 pub async fn try_read_delta(
     lake: &Lake,
     path: &LakeTable,
     sql_over_t: &str,
 ) -> Option<Vec<RecordBatch>> {
-    let table = lake.existing_table(path).await.ok()?;
+    query_delta(lake, path, sql_over_t).await.ok()
+}
+
+async fn query_delta(
+    lake: &Lake,
+    path: &LakeTable,
+    sql_over_t: &str,
+) -> Result<Vec<RecordBatch>, String> {
+    let table = lake.existing_table(path).await.map_err(|e| e.to_string())?;
     let ctx = datafusion::prelude::SessionContext::new();
     table.update_datafusion_session(&ctx.state()).unwrap();
-    ctx.register_table("t", table.table_provider().await.unwrap())
-        .unwrap();
-    Some(ctx.sql(sql_over_t).await.unwrap().collect().await.unwrap())
+    let provider = table.table_provider().await.map_err(|e| e.to_string())?;
+    ctx.register_table("t", provider).unwrap();
+    let df = ctx.sql(sql_over_t).await.map_err(|e| e.to_string())?;
+    df.collect().await.map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, PartialEq)]
