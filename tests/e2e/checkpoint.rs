@@ -14,12 +14,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How long a test waits for the checkpointer to get somewhere. Generous: it runs at nice
+/// 19, and with the whole suite on 2 cores it gets the CPU last (CI once waited more than
+/// 60 s).
+const CHECKPOINTER_WAIT: Duration = Duration::from_secs(180);
+
 /// Waits for a checkpoint of `table` at or past `lsn` (a `pg_lsn` as text).
 async fn wait_checkpoint(p: &TestPipeline, table: &LakeTable, at_least: &str) -> i64 {
     let want: Lsn = at_least.parse().unwrap();
-    // Generous: the checkpointer runs at nice 19, and with the whole suite on 2 cores it
-    // gets the CPU last (CI once waited more than 60 s).
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + CHECKPOINTER_WAIT;
     loop {
         // Read while the pipeline writes it: a read may meet a Delta checkpoint half
         // listed (the rebuild skips a checkpoint it cannot read), so an error is "not yet".
@@ -30,7 +33,7 @@ async fn wait_checkpoint(p: &TestPipeline, table: &LakeTable, at_least: &str) ->
         }
         assert!(
             Instant::now() < deadline,
-            "no checkpoint of {table} at {at_least} within 180 s"
+            "no checkpoint of {table} at {at_least} within {CHECKPOINTER_WAIT:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -179,9 +182,7 @@ async fn restarts_read_state_checkpoints_and_a_kill_while_writing_one_loses_noth
     wait_slot_active(&client, &p.slot).await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = spawn_load(info.url.clone(), 0xc4ee, stop.clone());
-    // Generous: the checkpointer runs at nice 19, and with the whole suite on 2 cores it
-    // gets the CPU last (CI once waited more than 60 s).
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + CHECKPOINTER_WAIT;
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
